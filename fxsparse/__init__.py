@@ -1,0 +1,25 @@
+"""fxsparse: a torch.fx compiler that makes PyTorch models smaller, sparser and cheaper to train."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import CompileResult, compile, load  # noqa: E402
+from .errors import (  # noqa: E402
+    BadArgumentError,
+    FxsparseError,
+    MaskError,
+    PassOrderError,
+    PlanMismatchError,
+    TraceError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from .plan import Plan  # noqa: E402
+from .trace import Traced, trace  # noqa: E402
+from . import passes  # noqa: E402  (the top-level passes/ folder, installed as fxsparse.passes)
+
+__all__ = [
+    "compile", "load", "trace", "passes", "Plan", "Traced", "CompileResult",
+    "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError", "MaskError",
+    "PlanMismatchError", "VerificationError",
+]

@@ -1,0 +1,115 @@
+"""The public entry points: compile, load."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .context import CompileContext
+from .errors import BadArgumentError
+from .inputs import normalize_example_inputs
+from .metrics import describe
+from .pass_manager import Pass, PassManager
+from .plan import Plan
+from .report import Report
+from .serialize import PLAN_FILE, REPORT_FILE, load_module, save_module
+from .trace import prepare_model, trace_module
+from .verify import verify_equivalent
+
+log = logging.getLogger("fxsparse")
+
+
+@dataclass
+class CompileResult:
+    module: fx.GraphModule
+    report: Report
+    plan: Plan
+    args: tuple
+    kwargs: dict
+
+    def save(self, path: str | Path) -> Path:
+        """Write the compiled module, its plan and its report to one file that :func:`fxsparse.load` reads."""
+        path = Path(path)
+        extra = {PLAN_FILE: self.plan.to_json(), REPORT_FILE: self.report.to_json()}
+        fmt = save_module(self.module, path, self.args, self.kwargs, extra)
+        log.info("fxsparse: saved %s (%s)", path, fmt)
+        return path
+
+
+def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
+    """Pass objects from what the user wrote: instances, or names of passes with default settings."""
+    from fxsparse.passes import PASSES
+
+    resolved: list[Pass] = []
+    for index, p in enumerate(passes):
+        if isinstance(p, Pass):
+            resolved.append(p)
+        elif isinstance(p, str):
+            if p not in PASSES:
+                raise BadArgumentError(f"passes[{index}]: unknown pass {p!r}; known passes: {sorted(PASSES)}")
+            resolved.append(PASSES[p]())
+        elif isinstance(p, type) and issubclass(p, Pass):
+            resolved.append(p())
+        else:
+            raise BadArgumentError(f"passes[{index}] is {p!r}: give a pass object or a pass name")
+    return resolved
+
+
+def _verifier(tolerance: float | None):
+    def verify(ctx: CompileContext, p: Pass) -> dict[str, Any]:
+        return verify_equivalent(ctx.reference, ctx.module, ctx.args, ctx.kwargs, tolerance=tolerance, what=p.name)
+
+    return verify
+
+
+def compile(  # noqa: A001 - the name users expect, as in torch.compile
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    passes: Sequence[Any] = (),
+    *,
+    example_kwargs: dict | None = None,
+    frontend: str = "auto",
+    verify: bool = True,
+    tolerance: float | None = 1e-4,
+    leaf_modules: Iterable[Any] = (),
+    concrete_args: dict | None = None,
+) -> CompileResult:
+    """Trace ``model`` and run ``passes`` over it; the user's model is never modified.
+
+    Every pass that rewrites the model is followed, when ``verify`` is on, by a comparison of the rewritten module
+    with its reference on random inputs shaped like ``example_inputs``; a relative difference above ``tolerance``
+    raises :class:`~fxsparse.errors.VerificationError`.
+    """
+    from fxsparse.passes import PROVIDERS
+
+    pass_list = resolve_passes(passes)
+    args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
+    prepared = prepare_model(model)
+    traced = trace_module(prepared, args, kwargs, frontend, leaf_modules, concrete_args)
+    ctx = CompileContext(traced.module, traced.frontend, args, kwargs, verify=verify)
+    ctx.plan.model = type(model).__name__
+    ctx.plan.frontend = traced.frontend
+    ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items()}
+    if traced.frontend == "export":
+        ctx.facts["export_values"] = True
+    before = describe(traced.module, args, kwargs)
+    manager = PassManager(pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
+    records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))
+    for record_pass in manager.passes:
+        ctx.plan.record_pass(record_pass.name, record_pass.settings())
+    ctx.plan.shapes_after = {n: list(t.shape) for n, t in ctx.module.state_dict().items()}
+    after = describe(ctx.module, args, kwargs)
+    report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes)
+    return CompileResult(ctx.module, report, ctx.plan, args, kwargs)
+
+
+def load(path: str | Path) -> torch.nn.Module:
+    """Load a module saved by ``CompileResult.save``; its plan is at ``module.fxsparse_plan`` when present."""
+    module, extra = load_module(path)
+    if PLAN_FILE in extra:
+        module.fxsparse_plan = Plan.from_dict(extra[PLAN_FILE])
+    return module

@@ -1,0 +1,53 @@
+"""Normalising the example inputs a user passes: a tensor, a tuple of positional inputs, or a dict of keywords."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import BadArgumentError
+
+
+def normalize_example_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """Return ``(args, kwargs)`` from the forms users write: ``x``, ``(x, y)``, ``{"input_ids": ids}``."""
+    if example_inputs is None and not example_kwargs:
+        raise BadArgumentError("example_inputs is required: pass a tensor, a tuple of tensors or a dict of keyword inputs")
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is None:
+        args: tuple = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, dict):
+        overlap = set(example_inputs) & set(kwargs)
+        if overlap:
+            raise BadArgumentError(f"example_inputs and example_kwargs both give {sorted(overlap)}")
+        kwargs.update(example_inputs)
+        args = ()
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise BadArgumentError(
+            f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, not {type(example_inputs).__name__}"
+        )
+    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        raise BadArgumentError("example_inputs holds no tensor: the model must take at least one tensor input")
+    return args, kwargs
+
+
+def inputs_like(args: tuple, kwargs: dict, generator: torch.Generator | None = None) -> tuple[tuple, dict]:
+    """Fresh random inputs with the example inputs' shapes and dtypes (integer inputs keep their value range)."""
+
+    def fresh(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            return torch.randn(value.shape, dtype=value.dtype, generator=generator).to(value.device)
+        if value.dtype == torch.bool:
+            return value.clone()
+        high = int(value.max().item()) + 1 if value.numel() else 1
+        low = int(value.min().item()) if value.numel() else 0
+        if high - low <= 1:
+            return value.clone()
+        return torch.randint(low, high, value.shape, dtype=value.dtype, generator=generator).to(value.device)
+
+    return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}

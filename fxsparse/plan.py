@@ -1,0 +1,104 @@
+"""The plan: every decision fxsparse made, as JSON, re-applicable to a fresh instance of the same model.
+
+A structural decision is recorded per parameter: which indices of which dimension are kept. That form does not
+depend on how the dependency analysis numbers its groups, so a plan written by one fxsparse version can be checked
+and re-applied by another, and a person can read it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PlanMismatchError
+
+PLAN_FORMAT = 1
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class Plan:
+    """``kept[param][dim] = sorted kept indices``; ``shapes_before`` lets a fresh model be checked against it."""
+
+    model: str = ""
+    frontend: str = ""
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    shapes_before: dict[str, list[int]] = field(default_factory=dict)
+    shapes_after: dict[str, list[int]] = field(default_factory=dict)
+    kept: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record_pass(self, name: str, settings: dict[str, Any]) -> None:
+        self.passes.append({"name": name, "settings": settings})
+
+    def record_kept(self, param: str, dim: int, kept: list[int]) -> None:
+        previous = self.kept.setdefault(param, {}).get(dim)
+        if previous is not None:  # a second shrink keeps a subset of the first one's survivors
+            kept = [previous[i] for i in kept]
+        self.kept[param][dim] = list(kept)
+
+    @property
+    def is_structural(self) -> bool:
+        return bool(self.kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "fxsparse_version": _version(),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "model": self.model,
+            "frontend": self.frontend,
+            "passes": self.passes,
+            "shapes_before": self.shapes_before,
+            "shapes_after": self.shapes_after,
+            "kept": {p: {str(d): k for d, k in dims.items()} for p, dims in self.kept.items()},
+            "groups": self.groups,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanMismatchError(f"plan format {data.get('format')!r} is not the supported format {PLAN_FORMAT}")
+        return cls(
+            model=data.get("model", ""),
+            frontend=data.get("frontend", ""),
+            passes=list(data.get("passes", [])),
+            shapes_before={k: list(v) for k, v in data.get("shapes_before", {}).items()},
+            shapes_after={k: list(v) for k, v in data.get("shapes_after", {}).items()},
+            kept={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("kept", {}).items()},
+            groups=list(data.get("groups", [])),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def check_fits(self, module: torch.nn.Module) -> None:
+        """Raise PlanMismatchError naming the first parameter whose name or shape differs from the planned model."""
+        shapes = {n: list(t.shape) for n, t in module.state_dict(keep_vars=True).items()}
+        for name, shape in self.shapes_before.items():
+            if name not in shapes:
+                raise PlanMismatchError(f"plan expects a tensor {name!r} of shape {shape}, the model has none")
+            if shapes[name] != shape:
+                raise PlanMismatchError(f"plan expects {name!r} of shape {shape}, the model's is {shapes[name]}")

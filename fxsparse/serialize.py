@@ -1,0 +1,47 @@
+"""Saving a compiled module so it loads without the original model's code (torch.export), with its plan inside."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FxsparseError
+
+PLAN_FILE = "fxsparse_plan.json"
+REPORT_FILE = "fxsparse_report.json"
+
+
+def save_module(module: torch.nn.Module, path: str | Path, args: tuple, kwargs: dict, extra: dict[str, str]) -> str:
+    """Write ``module`` to ``path``; returns the format used: "export" (a .pt2 program) or "pickle" (needs code).
+
+    torch.export is preferred: the file holds the graph and weights and loads with no model code. A module that
+    torch.export cannot take is pickled whole instead, and then its classes must be importable when loading.
+    """
+    path = Path(path)
+    try:
+        program = torch.export.export(module, args, kwargs=kwargs, strict=False)
+    except Exception as error:  # noqa: BLE001 - fall back to pickling, and say so
+        torch.save({"module": module, "extra": extra, "export_error": str(error)[:500]}, path)
+        return "pickle"
+    torch.export.save(program, path, extra_files=extra)
+    return "export"
+
+
+def load_module(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load what :func:`save_module` wrote; returns the module and its extra files (plan, report) parsed."""
+    path = Path(path)
+    if not path.exists():
+        raise FxsparseError(f"no saved model at {path}")
+    extra = {PLAN_FILE: "", REPORT_FILE: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+        module = program.module()
+    except Exception:  # noqa: BLE001 - not an exported program: the pickle fallback
+        payload = torch.load(path, weights_only=False)
+        if not isinstance(payload, dict) or "module" not in payload:
+            raise FxsparseError(f"{path} is not a model saved by fxsparse") from None
+        module, extra = payload["module"], payload["extra"]
+    parsed = {name: json.loads(text) for name, text in extra.items() if text}
+    return module, parsed
