@@ -1,15 +1,16 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
+from fxsparse.passes.dependency_groups import DependencyGroups
+from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.shape_inference import ShapeInference
+from fxsparse.passes.shrink import Shrink
 
 # Default providers of the facts passes require: the pass manager inserts these when a pass needs one.
 PROVIDERS = {
     "shapes": ShapeInference,
+    "groups": DependencyGroups,
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {
-    cls.name: cls
-    for cls in (ShapeInference,)
-}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Shrink)}
 
-__all__ = ["ShapeInference", "PROVIDERS", "PASSES"]
+__all__ = ["ShapeInference", "DependencyGroups", "MaskPropagation", "Shrink", "PROVIDERS", "PASSES"]

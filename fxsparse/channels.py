@@ -1,0 +1,268 @@
+"""The channel algebra every structural pass shares.
+
+Each dimension of each tensor in the graph is either *opaque* (batch, spatial and sequence dims: nothing can be
+removed there) or carries a **label** per index: an int naming the channel that index holds. Op rules (fxsparse.rules)
+move labels from inputs to outputs and record facts about them:
+
+- ``tie(a, b)``: index k of ``a`` and index k of ``b`` must be removed together (a residual add, the in-channels of
+  a conv and the out-channels of the layer feeding it);
+- ``fix(a)``: these channels cannot be removed (they reach a model output, a normalisation over channels, an op
+  without a rule);
+- ``factor(base, outer, inner)``: ``base`` viewed as an ``(len(outer), len(inner))`` grid, as a view into heads
+  does; a base channel survives iff its outer and its inner index survive, which keeps every reshape valid;
+- parameter dimensions get one canonical label array each, so a weight used twice (tied embeddings) is tied for free.
+
+After propagation, :meth:`ChannelGraph.analyse` joins tied labels into components (a vectorised union-find),
+closes the factor constraints, and returns a :class:`ChannelAnalysis`: the **units** that can be removed (one
+channel of a residual stream, one attention head, one head-dim index across heads...) and the **groups** they form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+Labels = Optional[torch.Tensor]  # int64, one label per index of a dimension; None = opaque
+
+PRODUCE, CONSUME, FOLLOW = "produce", "consume", "follow"
+
+
+@dataclass
+class Space:
+    """A block of labels allocated at once: one parameter dimension, the heads of a view, a merged axis..."""
+
+    start: int
+    size: int
+    kind: str  # "param", "outer", "inner", "merge", "fixed"
+    origin: str
+
+
+@dataclass
+class Member:
+    """A parameter (or buffer) dimension whose indices carry ``labels``; shrink slices it by their survival."""
+
+    target: str
+    dim: int
+    labels: torch.Tensor
+    roles: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Barrier:
+    node: str
+    op: str
+    reason: str
+
+
+class ChannelGraph:
+    """The builder op rules write into while labels propagate through the graph."""
+
+    def __init__(self) -> None:
+        self.n_labels = 0
+        self.spaces: list[Space] = []
+        self.ties: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.fixed: list[torch.Tensor] = []
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.members: dict[tuple[str, int], Member] = {}
+        self.member_shapes: dict[str, tuple[int, ...]] = {}
+        self.barriers: list[Barrier] = []
+        # Labels produced by a weight that is not a plain parameter (computed in the graph): never provably zero.
+        self.unverifiable_producers: list[torch.Tensor] = []
+        # Nodes that contract a channel dim (fxsparse.rules.layers.Consumer): where removed channels' constants land.
+        self.consumers: list = []
+        # One tensor reachable under several names (tied weights): every name, by the canonical (first) one.
+        self.aliases: dict[str, list[str]] = {}
+        self._canonical: dict[int, str] = {}
+
+    def canonical_target(self, target: str, tensor: torch.Tensor) -> str:
+        """The first name under which ``tensor`` was seen, so that tied weights share their labels."""
+        canonical = self._canonical.setdefault(id(tensor), target)
+        names = self.aliases.setdefault(canonical, [canonical])
+        if target not in names:
+            names.append(target)
+        return canonical
+
+    # -- allocation -------------------------------------------------------------------------------------------
+    def new_labels(self, size: int, kind: str, origin: str) -> torch.Tensor:
+        start = self.n_labels
+        self.n_labels += size
+        self.spaces.append(Space(start, size, kind, origin))
+        return torch.arange(start, start + size)
+
+    def param_labels(self, target: str, dim: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The canonical labels of dimension ``dim`` of parameter/buffer ``target`` (allocated on first use)."""
+        self.member_shapes[target] = tuple(shape)
+        size = shape[dim]
+        key = (target, dim)
+        member = self.members.get(key)
+        if member is None:
+            member = Member(target, dim, self.new_labels(size, "param", f"{target}[{dim}]"))
+            self.members[key] = member
+        return member.labels
+
+    def set_role(self, target: str, dim: int, role: str) -> None:
+        self.members[(target, dim)].roles.add(role)
+
+    # -- constraints ------------------------------------------------------------------------------------------
+    def tie(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a is b:
+            return
+        if a.shape != b.shape:
+            raise ValueError(f"cannot tie label arrays of lengths {len(a)} and {len(b)}")
+        self.ties.append((a, b))
+
+    def fix(self, labels: Labels) -> None:
+        if labels is not None:
+            self.fixed.append(labels)
+
+    def factor(self, base: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor) -> None:
+        if len(base) != len(outer) * len(inner):
+            raise ValueError("factor sizes do not multiply to the base size")
+        self.factors.append((base, outer, inner))
+
+    def barrier(self, node: str, op: str, reason: str) -> None:
+        self.barriers.append(Barrier(node, op, reason))
+
+    def analyse(self) -> "ChannelAnalysis":
+        return ChannelAnalysis(self)
+
+
+def connected_components(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Component id (the smallest member label) of each of ``n`` labels joined by the pairs ``(a[i], b[i])``.
+
+    Vectorised label propagation with pointer jumping: each round hooks every pair's larger root onto the smaller
+    and flattens the forest, so it converges in a few rounds even for millions of labels.
+    """
+    parent = torch.arange(n)
+    if len(a) == 0:
+        return parent
+    while True:
+        pa, pb = parent[a], parent[b]
+        if torch.equal(pa, pb):
+            return parent
+        low, high = torch.minimum(pa, pb), torch.maximum(pa, pb)
+        parent.scatter_reduce_(0, high, low, reduce="amin")
+        while True:
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+
+
+class ChannelAnalysis:
+    """Components, units and groups of a finished :class:`ChannelGraph`.
+
+    A *unit* is a component of labels that can be removed on its own; a *derived* component (a base channel of a
+    factored axis) is removed exactly when one of its factors' units is. ``keep_labels(removed_units)`` turns a
+    decision into a keep flag per label, which is all a rewrite needs.
+    """
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        self.graph = graph
+        n = graph.n_labels
+        self.n_labels = n
+        pairs_a = [a for a, _ in graph.ties]
+        pairs_b = [b for _, b in graph.ties]
+        factor_of = torch.full((n, 2), -1, dtype=torch.long)
+        extra_a: list[torch.Tensor] = []
+        extra_b: list[torch.Tensor] = []
+        for base, outer, inner in graph.factors:
+            grid_outer = outer.repeat_interleave(len(inner))
+            grid_inner = inner.repeat(len(outer))
+            already = factor_of[base, 0] >= 0
+            if already.any():  # a label factored twice: both factorings must agree
+                extra_a += [factor_of[base[already], 0], factor_of[base[already], 1]]
+                extra_b += [grid_outer[already], grid_inner[already]]
+            factor_of[base, 0] = grid_outer
+            factor_of[base, 1] = grid_inner
+        # Close: members of one component with different factor pairs force those factors together.
+        has_factor = factor_of[:, 0] >= 0
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
+        a_all, b_all = cat(pairs_a + extra_a), cat(pairs_b + extra_b)
+        for _ in range(32):
+            comp = connected_components(n, a_all, b_all)
+            labels = torch.nonzero(has_factor).flatten()
+            roots = comp[labels]
+            # first factored label of each component, as the representative the others must agree with
+            first = torch.full((n,), n, dtype=torch.long).scatter_reduce_(0, roots, labels, reduce="amin")
+            rep = first[roots]
+            new_a = torch.cat([factor_of[labels, 0], factor_of[labels, 1]])
+            new_b = torch.cat([factor_of[rep, 0], factor_of[rep, 1]])
+            pending = comp[new_a] != comp[new_b]
+            if not pending.any():
+                break
+            a_all = torch.cat([a_all, new_a[pending]])
+            b_all = torch.cat([b_all, new_b[pending]])
+        self.component = comp
+        derived = torch.zeros(n, dtype=torch.bool)
+        derived[comp[labels]] = True
+        self.derived_component = derived  # indexed by component root
+        self.factor_of = factor_of
+        self._fix(graph)
+        self._build_units()
+
+    # -- fixed channels ---------------------------------------------------------------------------------------
+    def _fix(self, graph: ChannelGraph) -> None:
+        comp = self.component
+        fixed = torch.zeros(self.n_labels, dtype=torch.bool)
+        for labels in graph.fixed:
+            fixed[comp[labels]] = True
+        # A fixed derived component keeps all of its factors; that can fix more derived components: iterate.
+        factored = torch.nonzero(self.factor_of[:, 0] >= 0).flatten()
+        for _ in range(32):
+            hit = factored[fixed[comp[factored]]]
+            outer_inner = torch.cat([self.factor_of[hit, 0], self.factor_of[hit, 1]])
+            newly = ~fixed[comp[outer_inner]]
+            if not newly.any():
+                break
+            fixed[comp[outer_inner[newly]]] = True
+        self.fixed_component = fixed
+
+    # -- units and groups -------------------------------------------------------------------------------------
+    def _build_units(self) -> None:
+        comp = self.component
+        roots = torch.unique(comp)
+        free = roots[~self.derived_component[roots] & ~self.fixed_component[roots]]
+        self.units = free  # component roots that a decision may remove
+        # Groups: spaces joined by components; units of a group are removed by its ratio.
+        space_of = torch.empty(self.n_labels, dtype=torch.long)
+        for index, space in enumerate(self.graph.spaces):
+            space_of[space.start: space.start + space.size] = index
+        n_spaces = len(self.graph.spaces)
+        # join spaces that share a component: hook each label's space to its component root's space
+        root_space = space_of[comp]
+        space_comp = connected_components(n_spaces, space_of, root_space)
+        self.space_group = space_comp
+        self.unit_group = space_comp[space_of[free]]
+
+    def keep_labels(self, removed_units: torch.Tensor) -> torch.Tensor:
+        """A bool per label: does it survive when the units (component roots) in ``removed_units`` are removed?"""
+        comp = self.component
+        keep_comp = torch.ones(self.n_labels, dtype=torch.bool)
+        keep_comp[removed_units] = False
+        keep = keep_comp[comp]
+        factored = torch.nonzero(self.factor_of[:, 0] >= 0).flatten()
+        if len(factored):
+            # A factored label lives iff both factors live; factors may themselves be factored: iterate to a fixpoint.
+            for _ in range(32):
+                outer, inner = self.factor_of[factored, 0], self.factor_of[factored, 1]
+                alive = keep[outer] & keep[inner]
+                # every member of a derived component shares the component's fate
+                comp_alive = torch.ones(self.n_labels, dtype=torch.bool)
+                comp_alive.scatter_reduce_(0, comp[factored], alive, reduce="amin")
+                new_keep = keep & comp_alive[comp]
+                if torch.equal(new_keep, keep):
+                    break
+                keep = new_keep
+        return keep
+
+    def unit_labels(self) -> dict[int, torch.Tensor]:
+        """The labels of each unit's own component (derived labels not included)."""
+        comp = self.component
+        order = torch.argsort(comp)
+        sorted_comp = comp[order]
+        units = self.units
+        starts = torch.searchsorted(sorted_comp, units)
+        ends = torch.searchsorted(sorted_comp, units, right=True)
+        return {int(u): order[s:e] for u, s, e in zip(units.tolist(), starts.tolist(), ends.tolist())}

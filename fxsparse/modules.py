@@ -1,0 +1,28 @@
+"""Small modules fxsparse inserts into rewritten graphs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class PaddedConstantCorrection(nn.Module):
+    """What removed, spatially constant input channels contributed to a zero-padded convolution.
+
+    Inside the image such a channel adds a constant to each output channel, which a bias can hold; at the borders
+    the zero padding cuts some kernel taps off, so the contribution varies. This module recomputes it exactly, at
+    any resolution, as the convolution of a single all-ones channel with the folded kernel
+    ``sum_c W[:, c] * value_c``: one input channel, so it costs little next to the convolution it corrects.
+    """
+
+    def __init__(self, weight: torch.Tensor, stride, padding, dilation):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.weight.dim() - 2
+        ones = torch.ones((1, 1, *x.shape[-spatial:]), dtype=x.dtype, device=x.device)
+        return _CONV[spatial](ones, self.weight, None, self.stride, self.padding, self.dilation)

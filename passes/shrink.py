@@ -1,0 +1,202 @@
+"""Shrink: physically remove the channels a decision removes, and emit a smaller GraphModule.
+
+Parameters are sliced along every dimension whose channels go; modules keep their class with their size
+attributes updated (symbolic frontend), and graph arguments that hold sizes (view shapes, split sizes, head counts
+in reshapes, conv groups) are rewritten by each op's rule. Constants carried by removed channels are folded into
+the consumers (fxsparse.residue). The result is checked against the expected shapes of every node, then against
+the masked model's outputs by the pass manager's verification.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxsparse.context import CompileContext
+from fxsparse.errors import FxsparseError
+from fxsparse.graph_utils import get_attr_value, set_attr_value
+from fxsparse.metrics import count_parameters
+from fxsparse.modules import PaddedConstantCorrection
+from fxsparse.pass_manager import Pass
+from fxsparse.residue import Fold, settle_residues
+from fxsparse.shapes import propagate_shapes
+from fxsparse.rules import rule_for
+from fxsparse.rules.base import RewriteContext
+
+
+def _expected_shape(node: fx.Node, labels: Any, keep: torch.Tensor) -> Any:
+    value = node.meta.get("val")
+    return _shape_of_value(value, labels, keep)
+
+
+def _shape_of_value(value: Any, labels: Any, keep: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        if labels is None:
+            return tuple(value.shape)
+        return tuple(int(keep[lab].sum()) if lab is not None else int(s) for s, lab in zip(value.shape, labels))
+    if isinstance(value, (tuple, list)) and isinstance(labels, tuple):
+        return tuple(_shape_of_value(v, lab, keep) for v, lab in zip(value, labels))
+    return None
+
+
+def _actual_shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_actual_shape(v) for v in value)
+    return None
+
+
+def slice_parameters(gm: fx.GraphModule, members, keep: torch.Tensor, aliases: dict[str, list[str]]) -> dict[str, dict[int, torch.Tensor]]:
+    """Slice every member tensor by the survival of its labels; returns kept indices per target and dim."""
+    kept: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for member in members:
+        alive = keep[member.labels]
+        if not bool(alive.all()):
+            kept[member.target][member.dim] = torch.nonzero(alive).flatten()
+    with torch.no_grad():
+        for target, dims in kept.items():
+            tensor = get_attr_value(gm, target)
+            sliced = tensor
+            for dim, index in dims.items():
+                sliced = sliced.index_select(dim, index)
+            if isinstance(tensor, torch.nn.Parameter):
+                sliced = torch.nn.Parameter(sliced.clone(), requires_grad=tensor.requires_grad)
+            else:
+                sliced = sliced.clone()
+            for name in aliases.get(target, [target]):
+                set_attr_value(gm, name, sliced)
+    return kept
+
+
+def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor) -> None:
+    """Add ``vector`` (per output channel, already sliced) to the bias of a linear or conv node."""
+    with torch.no_grad():
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=module.weight.dtype))
+            module.bias.add_(vector.to(module.bias.dtype))
+            return
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(bias, fx.Node) and bias.op == "get_attr":
+            tensor = get_attr_value(gm, bias.target)
+            tensor.add_(vector.to(tensor.dtype))
+            return
+        if bias is not None:
+            raise FxsparseError(f"cannot fold a removed channel's constant into {node.name}: its bias is computed")
+        name = f"_fxsparse_bias_{node.name}"
+        gm.register_parameter(name, torch.nn.Parameter(vector.clone()))
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        args[2] = attr
+        node.args = tuple(args)
+
+
+def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor, node_labels: dict[str, Any]) -> list[dict]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rows = []
+    for fold in folds:
+        node = nodes[fold.consumer.node]
+        out_labels = node_labels[node.name][fold.out_dim]
+        alive = torch.nonzero(keep[out_labels]).flatten()
+        if fold.correction is None:
+            _add_to_bias(gm, node, fold.vector.index_select(0, alive))
+            rows.append({"node": node.name, "folded": "bias", "max |constant|": f"{fold.vector.abs().max():.3g}"})
+            continue
+        name = f"_fxsparse_correction_{node.name}"
+        gm.add_submodule(name, PaddedConstantCorrection(fold.correction.index_select(0, alive), *fold.conv_args))
+        source = node.args[0]
+        with gm.graph.inserting_after(node):
+            correction = gm.graph.call_module(name, (source,))
+        with gm.graph.inserting_after(correction):
+            total = gm.graph.call_function(torch.add, (node, correction))
+        node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        rows.append({"node": node.name, "folded": "border-exact correction",
+                     "max |constant|": f"{fold.correction.abs().max():.3g}"})
+    return rows
+
+
+def rewrite_nodes(gm: fx.GraphModule, old_nodes: dict[str, fx.Node], node_labels: dict[str, Any], keep: torch.Tensor) -> None:
+    """Let each op's rule update the arguments and module attributes that hold sizes."""
+    def old_shape(n: fx.Node):
+        value = old_nodes[n.name].meta.get("val") if n.name in old_nodes else None
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def new_shape(n: fx.Node):
+        if n.name not in old_nodes:
+            return None
+        return _expected_shape(old_nodes[n.name], node_labels.get(n.name), keep)
+
+    for node in list(gm.graph.nodes):
+        if node.name not in old_nodes or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        rule = rule_for(node, gm)
+        if rule is None:
+            continue
+        node.meta["val"] = old_nodes[node.name].meta.get("val")
+        wc = RewriteContext(node, gm, new_shape, old_shape, lambda lab: keep[lab],
+                            lambda n: node_labels.get(n.name))
+        rule.rewrite(wc)
+
+
+def check_shapes(gm: fx.GraphModule, old_nodes: dict[str, fx.Node], node_labels: dict, keep: torch.Tensor,
+                 args: tuple, kwargs: dict) -> None:
+    """Every node of the shrunk graph must have exactly the shape the channel analysis predicts."""
+    propagate_shapes(gm, args, kwargs)
+    for node in gm.graph.nodes:
+        if node.name not in old_nodes or node.op == "output":
+            continue
+        expected = _expected_shape(old_nodes[node.name], node_labels.get(node.name), keep)
+        got = _actual_shape(node.meta.get("val"))
+        if expected is not None and got is not None and expected != got:
+            raise FxsparseError(f"shrink produced {node.name} ({node.format_node()[:120]}) of shape {got}, "
+                                f"expected {expected}; this op's rule is wrong, please report it")
+
+
+class Shrink(Pass):
+    """Remove the channels ``ctx.facts["removal"]`` names; the masked model is the reference it must match."""
+
+    name = "Shrink"
+    requires = ("groups", "removal")
+    rewrites = True
+
+    def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
+        facts = ctx.facts["groups"]
+        removal = ctx.facts["removal"]
+        masked = ctx.module
+        analysis = facts.analysis
+        removed, keep, folds, notes = settle_residues(
+            masked, analysis, facts.graph.consumers, removal.units, ctx.args, ctx.kwargs, facts.node_labels)
+        new = copy.deepcopy(masked)
+        old_nodes = {n.name: n for n in masked.graph.nodes}
+        kept = slice_parameters(new, facts.graph.members.values(), keep, facts.graph.aliases)
+        fold_rows = apply_folds(new, folds, keep, facts.node_labels)
+        rewrite_nodes(new, old_nodes, facts.node_labels, keep)
+        new.graph.lint()
+        new.recompile()
+        check_shapes(new, old_nodes, facts.node_labels, keep, ctx.args, ctx.kwargs)
+        for target, dims in kept.items():
+            for dim, index in dims.items():
+                ctx.plan.record_kept(target, dim, index.tolist())
+        ctx.reference = masked
+        ctx.module = new
+        rows = []
+        for group in facts.groups:
+            gone = int(torch.isin(group.units, removed).sum())
+            if gone:
+                rows.append({"group": group.id, "kind": group.kind, "units": group.size, "removed": gone,
+                             "kept": group.size - gone})
+        rows += fold_rows
+        rows += [{"note": n} for n in notes]
+        self._summary = (f"removed {len(removed)} units in {sum(1 for r in rows if 'removed' in r)} groups; "
+                         f"{len(fold_rows)} constants folded; params {count_parameters(masked)} -> "
+                         f"{count_parameters(new)}")
+        return rows
+
+    def summary(self, rows: list[dict[str, Any]]) -> str:
+        return getattr(self, "_summary", "")
