@@ -224,17 +224,35 @@ class ChannelAnalysis:
         comp = self.component
         roots = torch.unique(comp)
         free = roots[~self.derived_component[roots] & ~self.fixed_component[roots]]
-        self.units = free  # component roots that a decision may remove
-        # Groups: spaces joined by components; units of a group are removed by its ratio.
+        # A unit is a channel some weight produces, or a factor (a head, a group) of such channels: a parameter
+        # dim nobody produces (an embedding table's rows, a kernel's taps) is not a channel to prune.
+        produced = torch.zeros(self.n_labels, dtype=torch.bool)
+        for member in self.graph.members.values():
+            if PRODUCE in member.roles:
+                produced[comp[member.labels]] = True
+        for space in self.graph.spaces:
+            if space.kind in ("outer", "inner"):
+                produced[comp[space.start: space.start + space.size]] = True
+        self.units = free[produced[free]]  # component roots that a decision may remove
         space_of = torch.empty(self.n_labels, dtype=torch.long)
         for index, space in enumerate(self.graph.spaces):
             space_of[space.start: space.start + space.size] = index
-        n_spaces = len(self.graph.spaces)
-        # join spaces that share a component: hook each label's space to its component root's space
-        root_space = space_of[comp]
-        space_comp = connected_components(n_spaces, space_of, root_space)
+        # Groups: spaces joined by components (a residual stream's producers, the heads of q, k and v).
+        space_comp = connected_components(len(self.graph.spaces), space_of, space_of[comp])
+        self.space_of = space_of
         self.space_group = space_comp
-        self.unit_group = space_comp[space_of[free]]
+        self.unit_group = space_comp[space_of[self.units]]
+
+    def dependents(self, per_component: torch.Tensor) -> torch.Tensor:
+        """For a per-component flag, each unit's OR over its own component and the derived components it decides."""
+        flag = per_component.clone()
+        factored = torch.nonzero(self.factor_of[:, 0] >= 0).flatten()
+        if len(factored):
+            derived_flag = per_component[self.component[factored]]
+            for column in (0, 1):
+                roots = self.component[self.factor_of[factored, column]]
+                flag.scatter_reduce_(0, roots, derived_flag, reduce="amax")
+        return flag[self.units]
 
     def keep_labels(self, removed_units: torch.Tensor) -> torch.Tensor:
         """A bool per label: does it survive when the units (component roots) in ``removed_units`` are removed?"""
@@ -256,6 +274,27 @@ class ChannelAnalysis:
                     break
                 keep = new_keep
         return keep
+
+    def restore(self, removed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``removed`` without the units that decide the fate of ``labels`` (their own and their factors')."""
+        roots = self.component[labels]
+        factors = self.factor_of[labels]
+        factors = factors[factors[:, 0] >= 0].flatten()
+        back = torch.cat([roots, self.component[factors]]) if len(factors) else roots
+        return removed[~torch.isin(removed, back)]
+
+    def keep_nonempty(self, removed: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """``removed`` with units restored wherever a parameter dimension would lose every index."""
+        notes = []
+        for _ in range(len(self.graph.members) + 1):
+            keep = self.keep_labels(removed)
+            empty = [m for m in self.graph.members.values() if not bool(keep[m.labels].any())]
+            if not empty:
+                return removed, notes
+            member = empty[0]
+            notes.append(f"{member.target}[{member.dim}] would lose every channel: one is kept")
+            removed = self.restore(removed, member.labels[:1])
+        return removed, notes
 
     def unit_labels(self) -> dict[int, torch.Tensor]:
         """The labels of each unit's own component (derived labels not included)."""

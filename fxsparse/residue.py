@@ -50,16 +50,17 @@ def _broadcast_mask(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return mask.reshape(shape)
 
 
-def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict, zero_bias: bool) -> torch.Tensor:
+def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict, bias_index: int | None) -> torch.Tensor:
+    """Run ``node``'s op on ``args`` with its bias (at ``bias_index``; None: keep it) zeroed."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if zero_bias and getattr(module, "bias", None) is not None:
+        if bias_index is not None and getattr(module, "bias", None) is not None:
             return torch.func.functional_call(module, {"bias": torch.zeros_like(module.bias)}, args, kwargs)
         return module(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if zero_bias and len(args) > 2:
-        args = args[:2] + (None,) + args[3:]
+    if bias_index is not None and 0 <= bias_index < len(args) and isinstance(args[bias_index], torch.Tensor):
+        args = args[:bias_index] + (torch.zeros_like(args[bias_index]),) + args[bias_index + 1:]
     return node.target(*args, **kwargs)
 
 
@@ -113,7 +114,7 @@ def settle_residues(
                 notes.append(f"{c.node}: {why}; its removed input channels are kept")
         if not blocked:
             return removed, keep, folds, notes
-        removed = _restore(analysis, removed, torch.cat(blocked))
+        removed = analysis.restore(removed, torch.cat(blocked))
     raise RuntimeError("removed channels' residues did not settle")
 
 
@@ -132,7 +133,8 @@ def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_l
             if across_keys.abs().max().item() <= 1e-5 * max(scale, 1.0):
                 return None, None  # constant over the keys: softmax cancels it
             return None, "removed head-dims add a key-dependent score"
-        contribution = _call(gm, node, tuple(only_removed), call_kwargs, zero_bias=True)
+        bias_index = c.bias_index if c.kind in ("linear", "conv") else None
+        contribution = _call(gm, node, tuple(only_removed), call_kwargs, bias_index)
     scale = output.abs().max().item() if isinstance(output, torch.Tensor) else 1.0
     tol = 1e-6 * max(scale, 1e-6)
     if contribution.abs().max().item() <= tol:
@@ -155,13 +157,3 @@ def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_l
                 return Fold(c, out_dim, torch.zeros(weight.shape[0]), kernel.detach(), (stride, padding, dilation)), None
         return None, "removed channels contribute a position-dependent value"
     return None, f"removed channels contribute to a product of activations ({c.kind})"
-
-
-def _restore(analysis: ChannelAnalysis, removed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``removed`` without the units that decide the fate of ``labels``."""
-    comp = analysis.component
-    roots = comp[labels]
-    factors = analysis.factor_of[labels]
-    factors = factors[factors[:, 0] >= 0].flatten()
-    back = torch.cat([roots, comp[factors]]) if len(factors) else roots
-    return removed[~torch.isin(removed, back)]

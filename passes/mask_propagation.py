@@ -24,18 +24,18 @@ from fxsparse.removal import Removal
 
 
 def removable_units(ctx: CompileContext, module: torch.nn.Module) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Units whose channels are zero in every member (forward or backward), and rows on the conflicts."""
+    """Units whose channels are zero in every member (forward or backward), and rows on the conflicts.
+
+    Judged per unit over every label whose fate it decides (for a head: the rows of q, k and v of that head, the
+    columns of the output projection), so a unit goes only when everything that goes with it is provably zero.
+    """
     facts = ctx.facts["groups"]
     analysis = facts.analysis
     graph = facts.graph
     comp = analysis.component
     n = analysis.n_labels
-    # per component: do all producers / consumers have a zero slice here? (True until a member says otherwise)
-    all_prod_zero = torch.ones(n, dtype=torch.bool)
-    all_cons_zero = torch.ones(n, dtype=torch.bool)
-    has_prod = torch.zeros(n, dtype=torch.bool)
-    has_cons = torch.zeros(n, dtype=torch.bool)
-    any_zero = torch.zeros(n, dtype=torch.bool)
+    flags = {key: torch.zeros(n, dtype=torch.bool) for key in
+             ("has_prod", "bad_prod", "has_cons", "bad_cons", "any_zero")}
     seen = []
     for member in graph.members.values():
         roles = member.roles & {PRODUCE, CONSUME}
@@ -44,34 +44,23 @@ def removable_units(ctx: CompileContext, module: torch.nn.Module) -> tuple[torch
         zero = zero_slices(get_attr_value(module, member.target), member.dim)
         roots = comp[member.labels]
         seen.append((member, roots, zero))
-        any_zero[roots[zero]] = True
-        if PRODUCE in roles:
-            has_prod[roots] = True
-            all_prod_zero.scatter_reduce_(0, roots, zero, reduce="amin")
-        if CONSUME in roles:
-            has_cons[roots] = True
-            all_cons_zero.scatter_reduce_(0, roots, zero, reduce="amin")
+        flags["any_zero"][roots[zero]] = True
+        for role, has, bad in ((PRODUCE, "has_prod", "bad_prod"), (CONSUME, "has_cons", "bad_cons")):
+            if role in roles:
+                flags[has][roots] = True
+                flags[bad][roots[~zero]] = True
     for labels in graph.unverifiable_producers:
-        all_prod_zero[comp[labels]] = False
+        flags["bad_prod"][comp[labels]] = True
     for consumer in graph.consumers:
         if consumer.kind not in ("linear", "conv"):  # an activation reads it: never provably unused
-            all_cons_zero[comp[consumer.labels]] = False
-    forward = has_prod & all_prod_zero
-    backward = has_cons & all_cons_zero
-    allowed = forward | backward  # indexed by component root
-    removable = allowed.clone()
-    # a derived (factored) component goes when one of its factors does: a factor unit is removable only if every
-    # derived component depending on it is allowed
-    factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
-    if len(factored):
-        derived_ok = allowed[comp[factored]]
-        for column in (0, 1):
-            factor_roots = comp[analysis.factor_of[factored, column]]
-            removable.scatter_reduce_(0, factor_roots, derived_ok, reduce="amin")
-            any_zero[factor_roots[derived_ok]] = True
+            flags["bad_cons"][comp[consumer.labels]] = True
+    per_unit = {key: analysis.dependents(flag) for key, flag in flags.items()}
+    forward = per_unit["has_prod"] & ~per_unit["bad_prod"]
+    backward = per_unit["has_cons"] & ~per_unit["bad_cons"]
+    removable = forward | backward
     units = analysis.units
-    chosen = units[removable[units]]
-    conflicts = set(units[any_zero[units] & ~removable[units]].tolist())
+    chosen = units[removable]
+    conflicts = set(units[per_unit["any_zero"] & ~removable].tolist())
     blocker: dict[int, str] = {}
     for member, roots, zero in seen:
         for root in set(roots[~zero].tolist()) & conflicts - set(blocker):

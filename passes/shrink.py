@@ -72,7 +72,7 @@ def slice_parameters(gm: fx.GraphModule, members, keep: torch.Tensor, aliases: d
     return kept
 
 
-def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor) -> None:
+def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor, bias_index: int) -> None:
     """Add ``vector`` (per output channel, already sliced) to the bias of a linear or conv node."""
     with torch.no_grad():
         if node.op == "call_module":
@@ -81,7 +81,7 @@ def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor) -> Non
                 module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=module.weight.dtype))
             module.bias.add_(vector.to(module.bias.dtype))
             return
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = node.args[bias_index] if 0 <= bias_index < len(node.args) else node.kwargs.get("bias")
         if isinstance(bias, fx.Node) and bias.op == "get_attr":
             tensor = get_attr_value(gm, bias.target)
             tensor.add_(vector.to(tensor.dtype))
@@ -92,8 +92,10 @@ def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor) -> Non
         gm.register_parameter(name, torch.nn.Parameter(vector.clone()))
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
-        args = list(node.args) + [None] * max(0, 3 - len(node.args))
-        args[2] = attr
+        if bias_index < 0:
+            raise FxsparseError(f"cannot fold a removed channel's constant into {node.name}: it takes no bias")
+        args = list(node.args) + [None] * max(0, bias_index + 1 - len(node.args))
+        args[bias_index] = attr
         node.args = tuple(args)
 
 
@@ -105,7 +107,7 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor, node_
         out_labels = node_labels[node.name][fold.out_dim]
         alive = torch.nonzero(keep[out_labels]).flatten()
         if fold.correction is None:
-            _add_to_bias(gm, node, fold.vector.index_select(0, alive))
+            _add_to_bias(gm, node, fold.vector.index_select(0, alive), fold.consumer.bias_index)
             rows.append({"node": node.name, "folded": "bias", "max |constant|": f"{fold.vector.abs().max():.3g}"})
             continue
         name = f"_fxsparse_correction_{node.name}"
@@ -170,8 +172,10 @@ class Shrink(Pass):
         removal = ctx.facts["removal"]
         masked = ctx.module
         analysis = facts.analysis
+        removed, empty_notes = analysis.keep_nonempty(removal.units)
         removed, keep, folds, notes = settle_residues(
-            masked, analysis, facts.graph.consumers, removal.units, ctx.args, ctx.kwargs, facts.node_labels)
+            masked, analysis, facts.graph.consumers, removed, ctx.args, ctx.kwargs, facts.node_labels)
+        notes = empty_notes + notes
         new = copy.deepcopy(masked)
         old_nodes = {n.name: n for n in masked.graph.nodes}
         kept = slice_parameters(new, facts.graph.members.values(), keep, facts.graph.aliases)

@@ -21,7 +21,8 @@ from .elementwise import (
 )
 from .layers import ChannelNorm, Conv, Embedding, GetAttr, LastDimsNorm, Linear, PReLU
 from .shape_ops import (
-    AtenIndex, Cat, Expand, GetItem, IndexSelect, Permute, Repeat, Reshape, SliceOp, Split, Stack, Unflatten,
+    AtenIndex, Cat, Expand, GetItem, IndexSelect, PatchMerging, Permute, Repeat, Reshape, SliceOp, Split, Stack,
+    Unflatten,
 )
 
 aten = torch.ops.aten
@@ -100,7 +101,7 @@ FUNCTION_RULES.update({
     "stochastic_depth": FirstInputOnly(),
     "shifted_window_attention": Barrier("Swin window attention: its head size derives from the embed dim"),
     "_get_relative_position_bias": Barrier("Swin relative position bias"),
-    "_patch_merging_pad": Spatial(k=2, channels_last=True),
+    "_patch_merging_pad": PatchMerging(),
 })
 
 # aten overloads whose arguments differ from the function of the same packet name

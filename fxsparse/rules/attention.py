@@ -5,6 +5,8 @@ import math
 
 import torch.fx as fx
 
+from fxsparse.channels import CONSUME, PRODUCE
+
 from .base import NodeLabels, RewriteContext, Rule, RuleContext
 from .elementwise import broadcast
 from .layers import Consumer
@@ -44,10 +46,18 @@ class MatMul(Rule):
         sa, sb = rc.shape_of(a_node), rc.shape_of(b_node)
         if len(a) == 1 or len(b) == 1:
             return rc.barrier("matrix-vector product")
-        rc.tie(a[-1], b[-2])
-        if a[-1] is not None:
-            rc.graph.consumers.append(Consumer(rc.node.name, "matmul", self.first, len(a) - 1, a[-1], self.first + 1))
-        out = tuple(_tie_batch(rc, a, b, sa, sb)) + (a[-2], b[-1])
+        if b_node.op == "get_attr" and len(b) == 2:  # x @ W: a linear layer (HF's Conv1D exports as addmm)
+            rc.tie(a[-1], rc.param(b_node.target, 0, CONSUME))
+            out_channels = rc.param(b_node.target, 1, PRODUCE)
+            if a[-1] is not None:
+                rc.graph.consumers.append(Consumer(rc.node.name, "linear", self.first, len(a) - 1, a[-1],
+                                                   bias_index=self.bias_index if self.bias_index is not None else -1))
+            out = tuple(a[:-1]) + (out_channels,)
+        else:
+            rc.tie(a[-1], b[-2])
+            if a[-1] is not None:
+                rc.graph.consumers.append(Consumer(rc.node.name, "matmul", self.first, len(a) - 1, a[-1]))
+            out = tuple(_tie_batch(rc, a, b, sa, sb)) + (a[-2], b[-1])
         if self.bias_index is not None:
             bias = rc.node.args[self.bias_index]
             if isinstance(bias, fx.Node):
@@ -74,7 +84,7 @@ class ScaledDotProductAttention(Rule):
             return rc.barrier("attention without a head dim")
         rc.tie(q[-1], k[-1])
         if q[-1] is not None:
-            rc.graph.consumers.append(Consumer(rc.node.name, "attention", 0, len(q) - 1, q[-1], 1))
+            rc.graph.consumers.append(Consumer(rc.node.name, "attention", 0, len(q) - 1, q[-1]))
         rc.tie(k[-2], v[-2])
         hq, hk = sq[-3], sk[-3]
         heads = q[-3]
@@ -128,5 +138,5 @@ class Einsum(Rule):
         for position, letter in enumerate(specs[0]):
             if letter not in output and by_letter.get(letter) is not None:
                 rc.graph.consumers.append(
-                    Consumer(rc.node.name, "einsum", 1, position, rc.labels_of(operands[0])[position], 2))
+                    Consumer(rc.node.name, "einsum", 1, position, rc.labels_of(operands[0])[position]))
         return tuple(by_letter.get(letter) for letter in output)

@@ -116,14 +116,13 @@ class Reduction(Rule):
 class Spatial(Rule):
     """Ops over the trailing ``k`` dims (pooling, padding, resizing): channel dims before them pass through.
 
-    ``k`` is given, or read from a ``pad`` list (``len(pad) // 2`` dims). ``channels_last``: the spatial dims
-    sit before a trailing channel dim ([B, H, W, C]).
+    ``k`` is given, or read from a ``pad`` list (``len(pad) // 2`` dims).
     """
 
     name = "spatial"
 
-    def __init__(self, k: int | None = None, pad_index: int | None = None, channels_last: bool = False):
-        self.k, self.pad_index, self.channels_last = k, pad_index, channels_last
+    def __init__(self, k: int | None = None, pad_index: int | None = None):
+        self.k, self.pad_index = k, pad_index
 
     def labels(self, rc: RuleContext) -> NodeLabels:
         src = rc.arg(0, "input")
@@ -131,10 +130,9 @@ class Spatial(Rule):
         ndim = len(labels)
         k = self.k if self.k is not None else len(rc.arg(self.pad_index, "pad")) // 2
         k = min(k, ndim)
-        end = ndim - 1 if self.channels_last else ndim
-        for d in range(end - k, end):
+        for d in range(ndim - k, ndim):
             rc.fix(labels[d])
-        out = tuple(labels[: end - k]) + (None,) * k + tuple(labels[end:])
+        out = tuple(labels[: ndim - k]) + (None,) * k
         value = rc.node.meta.get("val")
         if isinstance(value, (tuple, list)):  # max_pool with indices
             return tuple(out for _ in value)

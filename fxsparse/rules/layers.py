@@ -26,8 +26,7 @@ class Consumer:
     input_index: int
     dim: int
     labels: torch.Tensor
-    weight: Any = None  # get_attr target (str) of the weight, or the weight's arg index when computed
-    bias: Any = None
+    bias_index: int = 2  # where a functional or aten form takes its bias
 
 
 def _param_ref(rc: RuleContext, value: Any) -> str | None:
@@ -77,7 +76,7 @@ class Linear(Rule):
         out = w.weight_labels(0, PRODUCE)
         w.tie_bias(out)
         if x[-1] is not None:
-            rc.graph.consumers.append(Consumer(rc.node.name, "linear", 0, len(x) - 1, x[-1], w.weight or 1, w.bias or 2))
+            rc.graph.consumers.append(Consumer(rc.node.name, "linear", 0, len(x) - 1, x[-1]))
         return tuple(x[:-1]) + (out,)
 
     def rewrite(self, wc: RewriteContext) -> None:
@@ -125,7 +124,7 @@ class Conv(Rule):
             rc.tie(in_lab, w.weight_labels(in_dim, CONSUME))
             out = w.weight_labels(out_dim, PRODUCE)
             if in_lab is not None:
-                rc.graph.consumers.append(Consumer(rc.node.name, "conv", 0, cdim, in_lab, w.weight or 1, w.bias or 2))
+                rc.graph.consumers.append(Consumer(rc.node.name, "conv", 0, cdim, in_lab))
         elif not transposed and groups == c_in == c_out:  # depthwise: channel c in, channel c out
             # the kernel row makes channel c's values (a producer): a masked row leaves only the bias behind
             out = w.weight_labels(0, PRODUCE)

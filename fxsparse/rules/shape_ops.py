@@ -519,3 +519,14 @@ class Repeat(Rule):
             r = sizes[k + offset]
             out.append(lab.repeat(r) if lab is not None and r != 1 else lab)
         return tuple(out)
+
+
+class PatchMerging(Rule):
+    """torchvision's ``_patch_merging_pad``: [..., H, W, C] -> [..., H/2, W/2, 4C], four strided copies of C."""
+
+    name = "patch merging"
+
+    def labels(self, rc: RuleContext) -> NodeLabels:
+        labels = rc.labels_of(rc.arg(0, "x"))
+        channels = labels[-1].repeat(4) if labels[-1] is not None else None
+        return tuple(labels[:-3]) + (None, None, channels)
