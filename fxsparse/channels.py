@@ -276,12 +276,21 @@ class ChannelAnalysis:
         return keep
 
     def restore(self, removed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``removed`` without the units that decide the fate of ``labels`` (their own and their factors')."""
-        roots = self.component[labels]
-        factors = self.factor_of[labels]
-        factors = factors[factors[:, 0] >= 0].flatten()
-        back = torch.cat([roots, self.component[factors]]) if len(factors) else roots
-        return removed[~torch.isin(removed, back)]
+        """``removed`` without the units that decide the fate of ``labels``: their own, their factors', and the
+        factors' factors (a channel shuffled twice)."""
+        deciding = [self.component[labels]]
+        frontier = labels
+        for _ in range(64):
+            # factors of any member of the frontier's components
+            members = torch.nonzero(torch.isin(self.component, self.component[frontier])).flatten()
+            factors = self.factor_of[members]
+            factors = factors[factors[:, 0] >= 0].flatten()
+            factors = factors[~torch.isin(self.component[factors], torch.cat(deciding))]
+            if not len(factors):
+                break
+            deciding.append(self.component[factors])
+            frontier = factors
+        return removed[~torch.isin(removed, torch.cat(deciding))]
 
     def keep_nonempty(self, removed: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """``removed`` with units restored wherever a parameter dimension would lose every index."""
@@ -294,7 +303,7 @@ class ChannelAnalysis:
             member = empty[0]
             notes.append(f"{member.target}[{member.dim}] would lose every channel: one is kept")
             removed = self.restore(removed, member.labels[:1])
-        return removed, notes
+        raise RuntimeError("could not keep every parameter dimension non-empty")
 
     def unit_labels(self) -> dict[int, torch.Tensor]:
         """The labels of each unit's own component (derived labels not included)."""
