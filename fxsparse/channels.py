@@ -26,6 +26,7 @@ import torch
 Labels = Optional[torch.Tensor]  # int64, one label per index of a dimension; None = opaque
 
 PRODUCE, CONSUME, FOLLOW = "produce", "consume", "follow"
+SCALE = "scale"  # a normalisation's per-channel scale (BatchNorm gamma): what BN-scale importance reads
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxsparse.channels import CONSUME, FOLLOW, PRODUCE
+from fxsparse.channels import CONSUME, FOLLOW, PRODUCE, SCALE
 
 from .base import NodeLabels, RewriteContext, Rule, RuleContext, opaque_like
 
@@ -183,13 +183,15 @@ class ChannelNorm(Rule):
             for pname in self.module_params:
                 value = getattr(module, pname, None)
                 if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
-                    channel = rc.tie(channel, rc.param(f"{rc.node.target}.{pname}", 0, FOLLOW))
+                    role = SCALE if pname == "weight" else FOLLOW
+                    channel = rc.tie(channel, rc.param(f"{rc.node.target}.{pname}", 0, role))
         else:
             for index, pname in self.params:
                 value = rc.arg(index, pname)
                 if isinstance(value, fx.Node) and rc.shape_of(value) and len(rc.shape_of(value)) == 1:
                     if rc.shape_of(value)[0] > 1:
-                        channel = rc.tie(channel, rc.weight_labels(value, 0, FOLLOW))
+                        role = SCALE if pname == "weight" else FOLLOW
+                        channel = rc.tie(channel, rc.weight_labels(value, 0, role))
         out = tuple(x[:cdim]) + (channel,) + tuple(x[cdim + 1:])
         value = rc.node.meta.get("val")
         if isinstance(value, (tuple, list)):  # aten's native batch norm returns (out, mean, invstd)
