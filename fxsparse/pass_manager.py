@@ -37,6 +37,10 @@ class Pass:
         """One line for the report's summary table."""
         return f"{len(rows)} rows"
 
+    def expand(self) -> list["Pass"]:
+        """The passes this one stands for (an iterative pass unrolls into its steps); itself by default."""
+        return [self]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings()})"
 
@@ -70,6 +74,7 @@ class PassManager:
         for index, p in enumerate(self.passes):
             if not isinstance(p, Pass):
                 raise BadArgumentError(f"passes[{index}] is {p!r}, not a fxsparse pass")
+        for p in [step for p in self.passes for step in p.expand()]:
             for fact in p.requires:
                 if fact in known:
                     continue

@@ -1,6 +1,7 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.mask_propagation import MaskPropagation
+from fxsparse.passes.prune import Prune
 from fxsparse.passes.shape_inference import ShapeInference
 from fxsparse.passes.shrink import Shrink
 
@@ -11,6 +12,6 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Shrink)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink)}
 
-__all__ = ["ShapeInference", "DependencyGroups", "MaskPropagation", "Shrink", "PROVIDERS", "PASSES"]
+__all__ = ["ShapeInference", "DependencyGroups", "MaskPropagation", "Prune", "Shrink", "PROVIDERS", "PASSES"]

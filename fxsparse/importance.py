@@ -1,0 +1,190 @@
+"""Importance criteria: how much each removable unit of channels matters.
+
+A criterion scores every slice of every member tensor of a group (``member_scores``: one number per index of the
+dimension), fxsparse adds those numbers up per unit (an attention head collects the rows of q, k and v and the
+columns of the output projection that it decides), and the criterion turns the totals into scores (``reduce``),
+optionally normalised within the group (``finalize``, as LAMP does). A plain callable ``fn(tensor, dim)`` returning
+one score per index of ``dim`` is a criterion too.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .channels import SCALE, ChannelAnalysis
+from .errors import BadArgumentError
+from .graph_utils import get_attr_value
+
+
+def per_index(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of ``values`` over every dim but ``dim``."""
+    return values.detach().movedim(dim, 0).reshape(values.shape[dim], -1).sum(dim=1).float()
+
+
+class Importance:
+    name = "importance"
+    needs_gradients = False
+
+    def member_scores(self, tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, roles: set[str]) -> torch.Tensor | None:
+        """One score per index of ``dim`` of this member, or None to leave the member out."""
+        raise NotImplementedError
+
+    def reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        return totals
+
+    def finalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores of one group's units, made comparable across groups (global scope)."""
+        mean = scores.mean()
+        return scores / mean if mean > 0 else scores
+
+
+class Magnitude(Importance):
+    """L1 (p=1) or L2 (p=2) norm of every weight a unit would take with it."""
+
+    def __init__(self, p: int = 2):
+        self.p = p
+        self.name = f"l{p}"
+
+    def member_scores(self, tensor, dim, grad, roles):
+        return per_index(tensor.abs() if self.p == 1 else tensor.pow(2), dim)
+
+    def reduce(self, totals):
+        return totals if self.p == 1 else totals.sqrt()
+
+
+class BNScale(Importance):
+    """|gamma| of the BatchNorm (or other normalisation) scales in the group (Network Slimming); groups without
+    one fall back to the L2 magnitude, so no group is scored all-zero."""
+
+    name = "bn_scale"
+
+    def __init__(self):
+        self.fallback = Magnitude(2)
+
+    def member_scores(self, tensor, dim, grad, roles):
+        return per_index(tensor.abs(), dim) if SCALE in roles else None
+
+
+class Taylor(Importance):
+    """First-order Taylor expansion of the loss: |w * dL/dw|, summed per unit (Molchanov et al.).
+
+    Needs calibration batches and a loss function (see ``Prune``)."""
+
+    name = "taylor"
+    needs_gradients = True
+
+    def member_scores(self, tensor, dim, grad, roles):
+        if grad is None:
+            return None
+        return per_index((tensor * grad).abs(), dim)
+
+
+class LAMP(Magnitude):
+    """Layer-adaptive magnitude pruning (Lee et al.): a unit's L2 score divided by the total of the scores at
+    least as large in its group, which makes scores comparable across groups without a hand-tuned normaliser."""
+
+    name = "lamp"
+
+    def __init__(self):
+        super().__init__(2)
+        self.name = "lamp"
+
+    def finalize(self, scores):
+        squared = scores.pow(2)
+        order = torch.argsort(squared)
+        tail = torch.flip(torch.cumsum(torch.flip(squared[order], [0]), 0), [0])
+        lamp = torch.empty_like(squared)
+        lamp[order] = squared[order] / tail.clamp_min(1e-30)
+        return lamp
+
+
+class RandomImportance(Importance):
+    """Uniform random scores (a baseline)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def member_scores(self, tensor, dim, grad, roles):
+        return None
+
+    def finalize(self, scores):
+        return scores
+
+
+class CallableImportance(Importance):
+    """A user's ``fn(tensor, dim) -> scores per index of dim``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "custom")
+
+    def member_scores(self, tensor, dim, grad, roles):
+        scores = torch.as_tensor(self.fn(tensor.detach(), dim)).float()
+        if scores.shape != (tensor.shape[dim],):
+            raise BadArgumentError(f"importance {self.name} returned shape {tuple(scores.shape)} for a tensor of "
+                                   f"shape {tuple(tensor.shape)} along dim {dim}; expected ({tensor.shape[dim]},)")
+        return scores
+
+
+CRITERIA: dict[str, Callable[[], Importance]] = {
+    "l1": lambda: Magnitude(1),
+    "l2": lambda: Magnitude(2),
+    "bn_scale": BNScale,
+    "taylor": Taylor,
+    "lamp": LAMP,
+    "random": RandomImportance,
+}
+
+
+def resolve_importance(importance: Any) -> Importance:
+    if isinstance(importance, Importance):
+        return importance
+    if isinstance(importance, str):
+        if importance not in CRITERIA:
+            raise BadArgumentError(f"importance: unknown criterion {importance!r}; known: {sorted(CRITERIA)}")
+        return CRITERIA[importance]()
+    if callable(importance):
+        return CallableImportance(importance)
+    raise BadArgumentError(f"importance must be a criterion name, an Importance or a callable, not {importance!r}")
+
+
+def _push(analysis: ChannelAnalysis, totals: torch.Tensor, labels: torch.Tensor, values: torch.Tensor) -> None:
+    """Add ``values`` (one per label) to the units deciding each label: its component, and its factors'."""
+    comp, factor_of = analysis.component, analysis.factor_of
+    for _ in range(16):
+        totals.index_add_(0, comp[labels], values)
+        factors = factor_of[labels]
+        has = factors[:, 0] >= 0
+        if not bool(has.any()):
+            return
+        labels = torch.cat([factors[has, 0], factors[has, 1]])
+        values = torch.cat([values[has], values[has]])
+
+
+def unit_scores(analysis: ChannelAnalysis, module: torch.nn.Module, importance: Importance,
+                grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Raw (reduced, not yet group-normalised) scores of every unit of ``analysis``, in ``analysis.units`` order."""
+    if isinstance(importance, RandomImportance):
+        return torch.rand(len(analysis.units), generator=importance.generator)
+    totals = torch.zeros(analysis.n_labels)
+    covered = torch.zeros(analysis.n_labels)
+    fallback = torch.zeros(analysis.n_labels) if isinstance(importance, BNScale) else None
+    for member in analysis.graph.members.values():
+        tensor = get_attr_value(module, member.target)
+        if not isinstance(tensor, torch.nn.Parameter):
+            continue  # running statistics and constants say nothing about importance
+        grad = grads.get(member.target) if grads else None
+        scores = importance.member_scores(tensor, member.dim, grad, member.roles)
+        if scores is not None:
+            _push(analysis, totals, member.labels, scores)
+            _push(analysis, covered, member.labels, torch.ones_like(scores))
+        if fallback is not None:
+            _push(analysis, fallback, member.labels, importance.fallback.member_scores(tensor, member.dim, None, set()))
+    scores = importance.reduce(totals[analysis.units])
+    if fallback is not None:  # units no normalisation scale covers are scored by magnitude
+        uncovered = covered[analysis.units] == 0
+        scores = torch.where(uncovered, importance.fallback.reduce(fallback[analysis.units]), scores)
+    return scores
