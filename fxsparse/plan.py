@@ -36,6 +36,9 @@ class Plan:
     shapes_after: dict[str, list[int]] = field(default_factory=dict)
     kept: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)
+    folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
+    inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
+    module_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # sizes of resized modules
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
@@ -64,6 +67,9 @@ class Plan:
             "shapes_after": self.shapes_after,
             "kept": {p: {str(d): k for d, k in dims.items()} for p, dims in self.kept.items()},
             "groups": self.groups,
+            "folds": self.folds,
+            "inputs": self.inputs,
+            "module_attributes": self.module_attributes,
             "extra": self.extra,
         }
 
@@ -79,6 +85,9 @@ class Plan:
             shapes_after={k: list(v) for k, v in data.get("shapes_after", {}).items()},
             kept={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("kept", {}).items()},
             groups=list(data.get("groups", [])),
+            folds=list(data.get("folds", [])),
+            inputs=dict(data.get("inputs", {})),
+            module_attributes=dict(data.get("module_attributes", {})),
             extra=dict(data.get("extra", {})),
         )
 

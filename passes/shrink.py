@@ -72,46 +72,73 @@ def slice_parameters(gm: fx.GraphModule, members, keep: torch.Tensor, aliases: d
     return kept
 
 
-def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor, bias_index: int) -> None:
-    """Add ``vector`` (per output channel, already sliced) to the bias of a linear or conv node."""
+def layer_owner(node: fx.Node) -> str:
+    """The module path a layer node belongs to: its target, or where its weight parameter lives."""
+    if node.op == "call_module":
+        return node.target
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target.endswith("weight"):
+            return arg.target.rpartition(".")[0]
+    return ""
+
+
+def _free_name(gm: fx.GraphModule, wanted: str, fallback: str) -> str:
+    try:
+        get_attr_value(gm, wanted)
+    except AttributeError:
+        return wanted
+    return fallback
+
+
+def _add_to_bias(gm: fx.GraphModule, node: fx.Node, vector: torch.Tensor, bias_index: int) -> str:
+    """Add ``vector`` (per output channel, already sliced) to the bias of a linear or conv node; returns the
+    bias's name. A bias made here is named like the layer's own (``<layer>.bias``), so state dicts line up with
+    the user's module."""
+    owner = layer_owner(node)
     with torch.no_grad():
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if module.bias is None:
                 module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=module.weight.dtype))
             module.bias.add_(vector.to(module.bias.dtype))
-            return
+            return f"{owner}.bias"
         bias = node.args[bias_index] if 0 <= bias_index < len(node.args) else node.kwargs.get("bias")
         if isinstance(bias, fx.Node) and bias.op == "get_attr":
             tensor = get_attr_value(gm, bias.target)
             tensor.add_(vector.to(tensor.dtype))
-            return
+            return bias.target
         if bias is not None:
             raise FxsparseError(f"cannot fold a removed channel's constant into {node.name}: its bias is computed")
-        name = f"_fxsparse_bias_{node.name}"
-        gm.register_parameter(name, torch.nn.Parameter(vector.clone()))
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(name)
         if bias_index < 0:
             raise FxsparseError(f"cannot fold a removed channel's constant into {node.name}: it takes no bias")
+        name = _free_name(gm, f"{owner}.bias" if owner else "bias", f"_fxsparse_bias_{node.name}")
+        set_attr_value(gm, name, torch.nn.Parameter(vector.clone()))
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
         args = list(node.args) + [None] * max(0, bias_index + 1 - len(node.args))
         args[bias_index] = attr
         node.args = tuple(args)
+        return name
 
 
-def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor, node_labels: dict[str, Any]) -> list[dict]:
+def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor,
+                node_labels: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Fold every constant into its consumer; returns report rows and plan records ({owner, kind, name})."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    rows = []
+    rows, records = [], []
     for fold in folds:
         node = nodes[fold.consumer.node]
         out_labels = node_labels[node.name][fold.out_dim]
         alive = torch.nonzero(keep[out_labels]).flatten()
+        owner = layer_owner(node)
         if fold.correction is None:
-            _add_to_bias(gm, node, fold.vector.index_select(0, alive), fold.consumer.bias_index)
+            name = _add_to_bias(gm, node, fold.vector.index_select(0, alive), fold.consumer.bias_index)
             rows.append({"node": node.name, "folded": "bias", "max |constant|": f"{fold.vector.abs().max():.3g}"})
+            records.append({"owner": owner, "kind": "bias", "name": name})
             continue
-        name = f"_fxsparse_correction_{node.name}"
+        name = _free_name(gm, f"{owner}_border_correction", f"_fxsparse_correction_{node.name}")
         gm.add_submodule(name, PaddedConstantCorrection(fold.correction.index_select(0, alive), *fold.conv_args))
+        records.append({"owner": owner, "kind": "correction", "name": name})
         source = node.args[0]
         with gm.graph.inserting_after(node):
             correction = gm.graph.call_module(name, (source,))
@@ -120,7 +147,7 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor, node_
         node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         rows.append({"node": node.name, "folded": "border-exact correction",
                      "max |constant|": f"{fold.correction.abs().max():.3g}"})
-    return rows
+    return rows, records
 
 
 def rewrite_nodes(gm: fx.GraphModule, old_nodes: dict[str, fx.Node], node_labels: dict[str, Any], keep: torch.Tensor) -> None:
@@ -179,7 +206,7 @@ class Shrink(Pass):
         new = copy.deepcopy(masked)
         old_nodes = {n.name: n for n in masked.graph.nodes}
         kept = slice_parameters(new, facts.graph.members.values(), keep, facts.graph.aliases)
-        fold_rows = apply_folds(new, folds, keep, facts.node_labels)
+        fold_rows, fold_records = apply_folds(new, folds, keep, facts.node_labels)
         rewrite_nodes(new, old_nodes, facts.node_labels, keep)
         new.graph.lint()
         new.recompile()
@@ -187,6 +214,7 @@ class Shrink(Pass):
         for target, dims in kept.items():
             for dim, index in dims.items():
                 ctx.plan.record_kept(target, dim, index.tolist())
+        ctx.plan.folds.extend(fold_records)
         ctx.reference = masked
         ctx.module = new
         rows = []
