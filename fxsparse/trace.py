@@ -8,6 +8,7 @@ transformers, data-dependent Python). ``auto`` tries symbolic first, then export
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -52,7 +53,32 @@ def _trace_symbolic(model: torch.nn.Module, leaf_modules, concrete_args) -> fx.G
     tracer = _LeafTracer(leaf_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    if concrete_args:
+        _default_to_concrete_values(gm, model, concrete_args)
+    return gm
+
+
+def _default_to_concrete_values(gm: fx.GraphModule, model: torch.nn.Module, concrete_args: dict) -> None:
+    """symbolic_trace keeps a concrete argument as a placeholder with the forward's *original* default and asserts
+    it equals the concrete value, so a call that leaves it out fails. Make the concrete value the default."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(parameters):
+        return
+    changed = False
+    for parameter, node in zip(parameters, placeholders):
+        value = concrete_args.get(parameter.name, inspect.Parameter.empty)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            node.args = (value,)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -64,6 +90,61 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(error).__name__}: {line}"[:300]
+
+
+def _shapes(args: tuple, kwargs: dict) -> str:
+    describe = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+    parts = [str(describe(a)) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+def check_signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """BadArgumentError unless ``model.forward`` accepts ``(*args, **kwargs)``."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to check here
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise BadArgumentError(
+            f"example_inputs ({_shapes(args, kwargs)}) do not fit {type(model).__name__}.forward{signature}: {error}"
+        ) from None
+
+
+def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -> None:
+    """BadArgumentError when the traced model cannot run on the example inputs (a wrong shape, dtype...).
+
+    Runs on meta tensors, then fake tensors (no real memory either way); only when both fail is the model run for
+    real, and only if that fails too are the inputs blamed. (Symbolic tracing never runs the model, so without
+    this check wrong inputs would surface later, in the middle of some pass.) ``gm.forward`` is called rather
+    than ``gm`` because GraphModule.__call__ prints a traceback to stderr on every failure.
+    """
+    from .metrics import on_meta, to_meta
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with on_meta(gm), torch.no_grad():
+            gm.forward(*to_meta(args), **to_meta(kwargs))
+        return
+    except Exception:  # noqa: BLE001 - some ops have no meta kernel: try fake tensors
+        pass
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        with mode, torch.no_grad():
+            gm.forward(*[fake(a) for a in args], **{k: fake(v) for k, v in kwargs.items()})
+        return
+    except Exception:  # noqa: BLE001 - nor a fake kernel: only a real run can tell
+        pass
+    try:
+        with torch.no_grad():
+            gm.forward(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise BadArgumentError(
+            f"example_inputs ({_shapes(args, kwargs)}): the traced {name} fails on them with {_first_line(error)}; "
+            "check their shapes and dtypes (and, for a symbolic trace, concrete_args for non-tensor arguments)"
+        ) from None
 
 
 def prepare_model(model: Any) -> torch.nn.Module:
@@ -84,13 +165,16 @@ def trace_module(
     """Trace ``model`` itself (no copy) with already-normalised inputs."""
     if frontend not in FRONTENDS:
         raise BadArgumentError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
+    check_signature(model, args, kwargs)
     failures: list[str] = []
     if frontend in ("auto", "symbolic"):
         try:
             gm = _trace_symbolic(model, leaf_modules, concrete_args)
-            return Traced(gm, "symbolic", args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure is reported, then export is tried
             failures.append(f"symbolic: {_first_line(error)}")
+        else:
+            check_inputs_run(gm, type(model).__name__, args, kwargs)
+            return Traced(gm, "symbolic", args, kwargs)
     if frontend in ("auto", "export"):
         try:
             gm = _trace_export(model, args, kwargs)
