@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,28 @@ def load_module(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if not path.exists():
         raise FxsparseError(f"no saved model at {path}")
     extra = {PLAN_FILE: "", REPORT_FILE: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
+    if _is_exported_program(path):
+        try:
+            program = torch.export.load(path, extra_files=extra)
+        except Exception as error:  # noqa: BLE001
+            raise FxsparseError(f"{path}: cannot load the saved program ({type(error).__name__}: {error})") from error
         module = program.module()
-    except Exception:  # noqa: BLE001 - not an exported program: the pickle fallback
-        payload = torch.load(path, weights_only=False)
+    else:  # the pickle fallback
+        try:
+            payload = torch.load(path, weights_only=False)
+        except Exception:  # noqa: BLE001 - not a torch file at all
+            payload = None
         if not isinstance(payload, dict) or "module" not in payload:
             raise FxsparseError(f"{path} is not a model saved by fxsparse") from None
         module, extra = payload["module"], payload["extra"]
     parsed = {name: json.loads(text) for name, text in extra.items() if text}
     return module, parsed
+
+
+def _is_exported_program(path: Path) -> bool:
+    """torch.export's .pt2 archives hold an ``archive_format`` record; torch.save's zip files do not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "archive_format" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
