@@ -1,0 +1,74 @@
+"""Shared helpers: tiny Hugging Face models built from configs (random weights, nothing downloaded)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message="The default weight initialization of", category=FutureWarning)
+
+SEQ = 8
+
+
+def token_inputs(vocab: int = 100, batch: int = 2, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+
+
+def tiny_hf_model(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny Hugging Face model of ``kind`` (bert, gpt2, llama, vit) with random weights, and keyword inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64,
+        )
+        model, inputs = transformers.BertModel(config), token_inputs()
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+            bos_token_id=0, eos_token_id=0,
+        )
+        model, inputs = transformers.GPT2LMHeadModel(config), token_inputs()
+    elif kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=64, use_cache=False,
+        )
+        model, inputs = transformers.LlamaForCausalLM(config), token_inputs()
+    elif kind == "vit":
+        config = transformers.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=10,
+        )
+        generator = torch.Generator().manual_seed(0)
+        model = transformers.ViTForImageClassification(config)
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32, generator=generator)}
+    else:
+        raise ValueError(kind)
+    return model.eval(), inputs
+
+
+def main_output(output) -> torch.Tensor:
+    """The main tensor of a model output: a tensor, a tuple's first item, or a ModelOutput's logits/hidden state."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(output, key) and getattr(output, key) is not None:
+            return getattr(output, key)
+    if isinstance(output, dict):
+        return next(iter(output.values()))
+    return output[0]
+
+
+@pytest.fixture
+def hf_model():
+    return tiny_hf_model
