@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import CompileResult, compile, load  # noqa: E402
+from .api import CompileResult, apply_plan, compile, load, prune  # noqa: E402
 from .errors import (  # noqa: E402
     BadArgumentError,
     FxsparseError,
@@ -19,7 +19,7 @@ from .trace import Traced, trace  # noqa: E402
 from . import passes  # noqa: E402  (the top-level passes/ folder, installed as fxsparse.passes)
 
 __all__ = [
-    "compile", "load", "trace", "passes", "Plan", "Traced", "CompileResult",
+    "compile", "prune", "apply_plan", "load", "trace", "passes", "Plan", "Traced", "CompileResult",
     "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError", "MaskError",
     "PlanMismatchError", "VerificationError",
 ]

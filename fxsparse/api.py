@@ -11,7 +11,8 @@ import torch.fx as fx
 
 from .context import CompileContext
 from .errors import BadArgumentError
-from .inputs import normalize_example_inputs
+from .inplace import apply_result
+from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .metrics import describe
 from .pass_manager import Pass, PassManager
 from .plan import Plan
@@ -77,12 +78,16 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     tolerance: float | None = 1e-4,
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict | None = None,
+    inplace: bool = False,
 ) -> CompileResult:
-    """Trace ``model`` and run ``passes`` over it; the user's model is never modified.
+    """Trace ``model`` and run ``passes`` over it.
 
     Every pass that rewrites the model is followed, when ``verify`` is on, by a comparison of the rewritten module
     with its reference on random inputs shaped like ``example_inputs``; a relative difference above ``tolerance``
-    raises :class:`~fxsparse.errors.VerificationError`.
+    raises :class:`~fxsparse.errors.VerificationError`. The user's model is never modified, unless ``inplace``:
+    then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
+    names, so its training loop, ``generate()`` and ``save_pretrained()`` keep working); if that fails the model
+    is left as it was.
     """
     from fxsparse.passes import PROVIDERS
 
@@ -94,6 +99,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.model = type(model).__name__
     ctx.plan.frontend = traced.frontend
     ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items()}
+    ctx.plan.inputs = describe_inputs(args, kwargs)
     if traced.frontend == "export":
         ctx.facts["export_values"] = True
     before = describe(traced.module, args, kwargs)
@@ -104,7 +110,68 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.shapes_after = {n: list(t.shape) for n, t in ctx.module.state_dict().items()}
     after = describe(ctx.module, args, kwargs)
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes)
-    return CompileResult(ctx.module, report, ctx.plan, args, kwargs)
+    result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
+    if inplace:
+        apply_result(model, result.module, result.plan, args, kwargs, tolerance or 1e-4)
+    return result
+
+
+def prune(model: torch.nn.Module, example_inputs: Any = None, keep: float = 0.8, **options: Any) -> CompileResult:
+    """Structured pruning in one call, keeping ``keep`` of each group's channels (msModelSlim's convention).
+
+    ``options`` go to :class:`fxsparse.passes.Prune` (importance, scope, ratios, ignore, round_to, prune_heads,
+    steps, calibration, loss_fn) and to :func:`compile` (example_kwargs, frontend, verify, inplace...).
+    """
+    from fxsparse.passes import Prune, Shrink
+
+    if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise BadArgumentError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    compile_options = {k: options.pop(k) for k in list(options) if k in _COMPILE_OPTIONS}
+    return compile(model, example_inputs, [Prune(ratio=1.0 - keep, **options), Shrink()], **compile_options)
+
+
+_COMPILE_OPTIONS = ("example_kwargs", "frontend", "verify", "tolerance", "leaf_modules", "concrete_args", "inplace")
+
+
+def plan_masks(plan: Plan) -> dict[str, torch.Tensor]:
+    """Masks that keep exactly the plan's indices of every recorded tensor (rows and columns alike)."""
+    masks = {}
+    for name, dims in plan.kept.items():
+        shape = plan.shapes_before[name]
+        mask = torch.ones(shape, dtype=torch.bool)
+        for dim, kept in dims.items():
+            alive = torch.zeros(shape[dim], dtype=torch.bool)
+            alive[kept] = True
+            view = [1] * len(shape)
+            view[dim] = shape[dim]
+            mask &= alive.reshape(view)
+        masks[name] = mask
+    return masks
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: Any = None,
+               example_kwargs: dict | None = None) -> torch.nn.Module:
+    """Give a fresh instance of the planned model the plan's architecture, in place (msModelSlim's
+    prune_by_desc), so a pruned checkpoint loads into it; returns ``model``.
+
+    The plan is checked against the model first: a parameter the plan expects but the model lacks, or of another
+    shape, is a :class:`PlanMismatchError` naming it. The model's own weights are kept at the plan's indices.
+    """
+    from fxsparse.passes import MaskPropagation, Shrink
+
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if not isinstance(model, torch.nn.Module):
+        raise BadArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    plan.check_fits(model)
+    if example_inputs is None and example_kwargs is None:
+        args, kwargs = inputs_from_description(plan.inputs)
+    else:
+        args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
+    masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
+    result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
+                     frontend=plan.frontend or "auto")
+    return apply_result(model, result.module, plan, args, kwargs)
 
 
 def load(path: str | Path) -> torch.nn.Module:

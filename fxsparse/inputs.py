@@ -51,3 +51,27 @@ def inputs_like(args: tuple, kwargs: dict, generator: torch.Generator | None = N
         return torch.randint(low, high, value.shape, dtype=value.dtype, generator=generator).to(value.device)
 
     return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
+
+
+def describe_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A JSON-able record of the inputs' shapes and dtypes (non-tensor values as they are), for plans."""
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+        return {"value": value}
+
+    return {"args": [spec(a) for a in args], "kwargs": {k: spec(v) for k, v in kwargs.items()}}
+
+
+def inputs_from_description(description: dict[str, Any]) -> tuple[tuple, dict]:
+    """Inputs matching :func:`describe_inputs`' record: zeros of the recorded shapes and dtypes."""
+
+    def make(spec):
+        if "shape" in spec:
+            return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        return spec["value"]
+
+    if not description:
+        raise BadArgumentError("the plan records no example inputs; pass example_inputs")
+    return tuple(make(s) for s in description["args"]), {k: make(s) for k, s in description["kwargs"].items()}

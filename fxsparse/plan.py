@@ -38,7 +38,6 @@ class Plan:
     groups: list[dict[str, Any]] = field(default_factory=list)
     folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
     inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
-    module_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # sizes of resized modules
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
@@ -69,7 +68,6 @@ class Plan:
             "groups": self.groups,
             "folds": self.folds,
             "inputs": self.inputs,
-            "module_attributes": self.module_attributes,
             "extra": self.extra,
         }
 
@@ -87,7 +85,6 @@ class Plan:
             groups=list(data.get("groups", [])),
             folds=list(data.get("folds", [])),
             inputs=dict(data.get("inputs", {})),
-            module_attributes=dict(data.get("module_attributes", {})),
             extra=dict(data.get("extra", {})),
         )
 
@@ -111,3 +108,7 @@ class Plan:
                 raise PlanMismatchError(f"plan expects a tensor {name!r} of shape {shape}, the model has none")
             if shapes[name] != shape:
                 raise PlanMismatchError(f"plan expects {name!r} of shape {shape}, the model's is {shapes[name]}")
+        for name in shapes:
+            if name not in self.shapes_before:
+                raise PlanMismatchError(f"the model has a tensor {name!r} the plan does not know: "
+                                        f"the plan was made for another architecture ({self.model or 'unknown'})")
