@@ -21,8 +21,10 @@ class PaddedConstantCorrection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.spatial = weight.dim() - 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = self.weight.dim() - 2
-        ones = torch.ones((1, 1, *x.shape[-spatial:]), dtype=x.dtype, device=x.device)
-        return _CONV[spatial](ones, self.weight, None, self.stride, self.padding, self.dilation)
+        # sizes read one by one (no unpacking), so that symbolic tracing can follow this forward too
+        size = [1, 1] + [x.shape[-k] for k in range(self.spatial, 0, -1)]
+        ones = torch.ones(size, dtype=x.dtype, device=x.device)
+        return _CONV[self.spatial](ones, self.weight, None, self.stride, self.padding, self.dilation)

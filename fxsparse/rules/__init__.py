@@ -19,7 +19,9 @@ from .base import Rule
 from .elementwise import (
     Barrier, Creation, Elementwise, FirstInputOnly, Like, MixesAlongDim, NoTensor, Reduction, Spatial,
 )
-from .layers import ChannelNorm, Conv, Embedding, GetAttr, LastDimsNorm, Linear, PReLU
+from fxsparse.modules import PaddedConstantCorrection
+
+from .layers import BorderCorrection, ChannelNorm, Conv, Embedding, GetAttr, LastDimsNorm, Linear, PReLU
 from .shape_ops import (
     AtenIndex, Cat, Expand, GetItem, IndexSelect, PatchMerging, Permute, Repeat, Reshape, SliceOp, Split, Stack,
     Unflatten,
@@ -128,6 +130,7 @@ ATEN_OVERLOAD_RULES: dict[str, Rule] = {
 }
 
 MODULE_RULES: list[tuple[type, Rule]] = [
+    (PaddedConstantCorrection, BorderCorrection()),
     (nn.Linear, Linear()),
     (nn.modules.conv._ConvNd, Conv("module")),
     (nn.modules.batchnorm._BatchNorm, ChannelNorm()),

@@ -310,3 +310,15 @@ class GetAttr(Rule):
         if not isinstance(value, torch.Tensor):
             return None
         return tuple(rc.param(rc.node.target, d) for d in range(value.dim()))
+
+
+class BorderCorrection(Rule):
+    """fxsparse's PaddedConstantCorrection: reads only its input's spatial size. Its kernel rows are part of what
+    produces the corrected convolution's output channels (the add that follows ties them), so a channel removed
+    later has them zeroed with the convolution's own rows."""
+
+    name = "border correction"
+
+    def labels(self, rc: RuleContext) -> NodeLabels:
+        channels = rc.param(f"{rc.node.target}.weight", 0, PRODUCE)
+        return (None, channels) + (None,) * (len(rc.out_shape) - 2)
