@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .channels import PRODUCE, ChannelAnalysis
 from .errors import MaskError
@@ -19,47 +21,95 @@ def normalize_masks(masks: dict[str, Any], module: torch.nn.Module) -> dict[str,
     params = dict(module.named_parameters())
     modules = dict(module.named_modules())
     out: dict[str, torch.Tensor] = {}
-    for name, mask in masks.items():
-        if isinstance(mask, dict):  # NNI: {module: {"weight": mask, "bias": mask}}
-            for pname, sub in mask.items():
-                if sub is not None:
-                    out.update(normalize_masks({f"{name}.{pname}": sub}, module))
-            continue
-        target = name
-        if name not in params and name in modules and isinstance(getattr(modules[name], "weight", None), torch.Tensor):
-            target = f"{name}.weight"
-        if target not in params:
-            close = difflib.get_close_matches(name, list(params) + list(modules), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise MaskError(f"mask names {name!r}, which is neither a parameter nor a module of the model{hint}")
-        weight = params[target]
-        mask = torch.as_tensor(mask)
-        if mask.shape == weight.shape:
-            full = mask != 0
-        elif mask.dim() == 1 and weight.dim() >= 1 and mask.shape[0] == weight.shape[0]:
-            full = (mask != 0).reshape(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
-        else:
-            raise MaskError(
-                f"mask for {target!r} has shape {tuple(mask.shape)}; expected the parameter's shape "
-                f"{tuple(weight.shape)} or a 1-D mask of {weight.shape[0]} output channels")
+    for name, mask in _flat_entries(masks):
+        target = _mask_target(name, params, modules)
+        full = _full_mask(target, mask, params[target])
         out[target] = full if target not in out else out[target] & full
     return out
 
 
-def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``module`` with each mask multiplied into its parameter (nothing else changes)."""
-    masked = copy.deepcopy(module)
+def _flat_entries(masks: dict[str, Any]):
+    """(name, mask) pairs, with NNI's ``{module: {"weight": mask, "bias": mask}}`` entries flattened."""
+    for name, mask in masks.items():
+        if isinstance(mask, dict):
+            yield from ((f"{name}.{pname}", sub) for pname, sub in mask.items() if sub is not None)
+        else:
+            yield name, mask
+
+
+def _mask_target(name: str, params: dict, modules: dict) -> str:
+    """The parameter a mask entry names: itself, or a module's weight."""
+    if name in params:
+        return name
+    if name in modules and isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+        return f"{name}.weight"
+    close = difflib.get_close_matches(name, list(params) + list(modules), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise MaskError(f"mask names {name!r}, which is neither a parameter nor a module of the model{hint}")
+
+
+def _full_mask(target: str, mask: Any, weight: torch.Tensor) -> torch.Tensor:
+    """A bool mask of ``weight``'s shape from a full-shape mask or a 1-D mask over output channels."""
+    mask = torch.as_tensor(mask)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    if mask.shape == weight.shape:
+        return keep
+    if mask.dim() == 1 and weight.dim() >= 1 and mask.shape[0] == weight.shape[0]:
+        return keep.reshape(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
+    raise MaskError(
+        f"mask for {target!r} has shape {tuple(mask.shape)}; expected the parameter's shape "
+        f"{tuple(weight.shape)} or a 1-D mask of {weight.shape[0]} output channels")
+
+
+def copy_sharing_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module``'s structure (submodules, graph, attributes) that shares the original's tensors.
+
+    Passes treat tensors as values: a pass that changes a weight puts a new tensor in its place (masking, slicing,
+    folding a constant into a bias) and never writes into one. So a copy needs no copies of the weights it does
+    not change, which on a large model are most of the cost of a copy (fresh memory is slow to fault in).
+    """
+    memo: dict[int, Any] = {}
+    for tensor in _tensors_held(module):
+        memo[id(tensor)] = tensor
+    return copy.deepcopy(module, memo)
+
+
+def _tensors_held(module: torch.nn.Module):
+    """Parameters, buffers and plain tensor attributes of every submodule, and the values graphs keep on nodes."""
+    for sub in module.modules():
+        yield from sub._parameters.values()
+        yield from sub._buffers.values()
+        yield from (v for v in vars(sub).values() if isinstance(v, torch.Tensor))
+        graph = vars(sub).get("_graph")
+        if isinstance(graph, torch.fx.Graph):
+            for node in graph.nodes:
+                yield from (v for v in pytree.tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor))
+
+
+def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor], in_place: bool = False) -> torch.nn.Module:
+    """``module`` with each mask multiplied into its parameter, nothing else changed.
+
+    The masked parameters get new tensors; by default on a copy of ``module`` (which shares the other tensors), and
+    with ``in_place`` on ``module`` itself, for a caller that owns it (a compile's private graph).
+    """
+    masked = module if in_place else copy_sharing_tensors(module)
     with torch.no_grad():
         for target, mask in masks.items():
             weight = get_attr_value(masked, target)
-            set_attr_value(masked, target, torch.nn.Parameter(weight * mask.to(weight.dtype), weight.requires_grad))
+            zeroed = torch.where(mask, weight, 0)
+            set_attr_value(masked, target, torch.nn.Parameter(zeroed, weight.requires_grad))
     return masked
 
 
 def zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per index of ``dim``: is the whole slice zero?"""
-    moved = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    return (moved == 0).all(dim=1)
+    """Per index of ``dim``: is the whole slice zero?
+
+    Reduces without copying: the tensor is viewed as (outer, dim, inner), the contiguous inner run first.
+    """
+    tensor = tensor.detach()
+    grid = tensor.reshape(math.prod(tensor.shape[:dim]), tensor.shape[dim], -1)
+    nonzero = grid.ne(0).any(dim=2) if grid.shape[2] > 1 else grid[:, :, 0].ne(0)
+    return ~nonzero.any(dim=0)
 
 
 def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,3 +129,11 @@ def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor) -> dict[str,
         view[member.dim] = len(alive)
         masks[member.target] = mask & alive.reshape(view)
     return masks
+
+
+def random_units(groups, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """``fraction`` of the units of every group (rounded down), drawn at random: a structural decision with no
+    preference, for checking that a model shrinks exactly (``masks_for_units`` turns it into masks)."""
+    chosen = [group.units[torch.randperm(group.size, generator=generator)[: int(group.size * fraction)]]
+              for group in groups]
+    return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)

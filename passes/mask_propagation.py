@@ -85,7 +85,7 @@ class MaskPropagation(Pass):
 
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
         masks = normalize_masks(self.masks, ctx.module)
-        ctx.module = apply_masks(ctx.module, masks)
+        ctx.module = apply_masks(ctx.module, masks, in_place=True)  # the compile's own graph, not the user's model
         units, conflicts = removable_units(ctx, ctx.module)
         ctx.facts["removal"] = Removal(units, "masks")
         self._stats = (len(masks), len(units), len(conflicts))
