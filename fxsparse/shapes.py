@@ -18,11 +18,46 @@ from .graph_utils import placeholder_values
 from .metrics import on_meta, to_meta
 
 
+_META = torch.device("meta")
+# Modules whose output is shaped like their input, and whose meta kernels are slow Python decompositions
+# (BatchNorm's costs about as much as a convolution's on the CPU): their value is written directly.
+_SHAPE_PRESERVING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+
+
 class _MetaPropagator(fx.Interpreter):
+    """Runs the graph on meta tensors and keeps each node's value.
+
+    Export graphs pin a device (``arange(..., device=cpu)``, tensor constants): those go to meta too.
+    """
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta["val"] = result
         return result
+
+    def get_attr(self, target, args, kwargs) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return to_meta(value) if isinstance(value, torch.Tensor) and not value.is_meta else value
+
+    def call_module(self, target, args, kwargs) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
+            return _per_channel_output(target, module, args[0])
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs) -> Any:
+        if kwargs.get("device") is not None:
+            kwargs = {**kwargs, "device": _META}
+        return super().call_function(target, args, kwargs)
+
+
+def _per_channel_output(target: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of a per-channel normalisation of ``x``; raises, as its kernel would, on a channel mismatch."""
+    channels = x.shape[1] if x.dim() > 1 else x.shape[0]
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.dim() == 1 and tensor.shape[0] != channels:
+            raise RuntimeError(f"{target}.{name} has {tensor.shape[0]} channels, its input {channels}")
+    return torch.empty_like(x)
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
