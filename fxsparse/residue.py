@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from .channels import ChannelAnalysis
 from .graph_utils import placeholder_values
+from .modules import PaddedConstantCorrection
 from .rules.layers import Consumer
 
 
@@ -81,6 +82,11 @@ def _conv_settings(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict)
     return get(3, "stride", 1), padding, get(5, "dilation", 1), get(1, "weight")
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| without an |t|-sized temporary."""
+    return torch.linalg.vector_norm(t, float("inf")).item() if t.numel() else 0.0
+
+
 def _spread(t: torch.Tensor, keep_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per index of ``keep_dim``: the value (first element) and max - min over all other dims."""
     moved = t.movedim(keep_dim, 0).reshape(t.shape[keep_dim], -1)
@@ -118,42 +124,80 @@ def settle_residues(
     raise RuntimeError("removed channels' residues did not settle")
 
 
+# Consumers whose bias cannot hold what removed input channels contribute.
+_UNFOLDABLE = {"matmul": "a product of activations", "einsum": "a product of activations",
+               "grouped": "a grouped convolution"}
+
+
 def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_labels):
     """(Fold or None, reason the channels must stay or None)."""
+    if c.kind == "attention":
+        return _measure_attention(c, keep, call_args)
     x = call_args[c.input_index]
-    removed_mask = _broadcast_mask((~keep[c.labels]).to(x.dtype), c.dim, x.dim())
-    only_removed = list(call_args)
-    only_removed[c.input_index] = x * removed_mask
+    removed_index = torch.nonzero(~keep[c.labels]).flatten()
+    removed_inputs = x.index_select(c.dim, removed_index)
+    const, in_spread = _spread(removed_inputs, c.dim)
+    uniform_inputs = in_spread.max().item() <= 1e-6 * max(_max_abs(removed_inputs), 1e-6)
+    scale = _max_abs(output) if isinstance(output, torch.Tensor) else 1.0
+    batched_conv = c.kind == "conv" and c.dim == 1
+    settings = _conv_settings(gm, node, call_args, call_kwargs) if batched_conv else None
     with torch.no_grad():
-        if c.kind == "attention":
-            q, k = only_removed[0], call_args[1]
-            contribution = q @ k.transpose(-1, -2)
-            across_keys = contribution.amax(-1) - contribution.amin(-1)
-            scale = contribution.abs().max().item() + 1e-30
-            if across_keys.abs().max().item() <= 1e-5 * max(scale, 1.0):
-                return None, None  # constant over the keys: softmax cancels it
-            return None, "removed head-dims add a key-dependent score"
-        bias_index = c.bias_index if c.kind in ("linear", "conv") else None
-        contribution = _call(gm, node, tuple(only_removed), call_kwargs, bias_index)
-    scale = output.abs().max().item() if isinstance(output, torch.Tensor) else 1.0
-    tol = 1e-6 * max(scale, 1e-6)
-    if contribution.abs().max().item() <= tol:
+        if uniform_inputs and settings is not None:
+            return _measure_uniform_conv(c, removed_index, const, x, settings, scale)
+        contribution = _contribution(gm, node, c, keep, call_args, call_kwargs, one_position=uniform_inputs)
+    if contribution.abs().max().item() <= 1e-6 * max(scale, 1e-6):
         return None, None
-    if c.kind in ("linear", "conv"):
-        out_labels = node_labels[c.node]
-        out_dim = len(out_labels) - 1 if c.kind == "linear" else c.dim
-        value, spread = _spread(contribution, out_dim)
-        if spread.max().item() <= 1e-5 * max(scale, 1e-6):
-            return Fold(c, out_dim, value), None
-        if c.kind == "conv":
-            settings = _conv_settings(gm, node, call_args, call_kwargs)
-            inputs_removed = x.index_select(c.dim, torch.nonzero(~keep[c.labels]).flatten())
-            const, in_spread = _spread(inputs_removed, c.dim)
-            if settings is not None and in_spread.max().item() <= 1e-6 * max(inputs_removed.abs().max().item(), 1e-6):
-                stride, padding, dilation, weight = settings
-                columns = weight.index_select(1, torch.nonzero(~keep[c.labels]).flatten())
-                shape = [1, len(const)] + [1] * (weight.dim() - 2)
-                kernel = (columns * const.reshape(shape)).sum(dim=1, keepdim=True)
-                return Fold(c, out_dim, torch.zeros(weight.shape[0]), kernel.detach(), (stride, padding, dilation)), None
-        return None, "removed channels contribute a position-dependent value"
-    return None, f"removed channels contribute to a product of activations ({c.kind})"
+    if c.kind not in ("linear", "conv"):
+        return None, f"removed channels contribute to {_UNFOLDABLE.get(c.kind, c.kind)}"
+    out_dim = len(node_labels[c.node]) - 1 if c.kind == "linear" else c.dim
+    value, spread = _spread(contribution, out_dim)
+    if spread.max().item() <= 1e-5 * max(scale, 1e-6):
+        return Fold(c, out_dim, value), None
+    return None, "removed channels contribute a position-dependent value"
+
+
+def _measure_attention(c: Consumer, keep, call_args):
+    """Removed head-dims of q add ``q_removed . k_removed`` to every score: harmless iff the same for every key."""
+    x = call_args[c.input_index]
+    q = x * _broadcast_mask((~keep[c.labels]).to(x.dtype), c.dim, x.dim())
+    with torch.no_grad():
+        contribution = q @ call_args[1].transpose(-1, -2)
+    across_keys = contribution.amax(-1) - contribution.amin(-1)
+    scale = contribution.abs().max().item() + 1e-30
+    if across_keys.abs().max().item() <= 1e-5 * max(scale, 1.0):
+        return None, None  # constant over the keys: softmax cancels it
+    return None, "removed head-dims add a key-dependent score"
+
+
+def _contribution(gm, node, c: Consumer, keep, call_args, call_kwargs, one_position: bool) -> torch.Tensor:
+    """The consumer's output from its removed input channels alone (bias left out).
+
+    ``one_position``: the removed channels hold the same values at every position, and the consumer is a linear
+    layer acting on each position alone, so one position tells it all (a full layer costs as much as the model's).
+    """
+    x = call_args[c.input_index]
+    only_removed = x * _broadcast_mask((~keep[c.labels]).to(x.dtype), c.dim, x.dim())
+    if one_position and c.kind == "linear":
+        first = only_removed.reshape(-1, x.shape[c.dim])[:1]
+        only_removed = first.reshape([1] * (x.dim() - 1) + [x.shape[c.dim]])
+    args = list(call_args)
+    args[c.input_index] = only_removed
+    bias_index = c.bias_index if c.kind in ("linear", "conv") else None
+    return _call(gm, node, tuple(args), call_kwargs, bias_index)
+
+
+def _measure_uniform_conv(c: Consumer, removed_index, const, x, settings, scale):
+    """A zero-padded convolution of channels that are constant over space: what they add is the convolution of an
+    all-ones image with the folded kernel ``sum_c W[:, c] * value_c``; a constant (bias) away from the borders."""
+    stride, padding, dilation, weight = settings
+    columns = weight.index_select(1, removed_index)
+    shape = [1, len(const)] + [1] * (weight.dim() - 2)
+    kernel = (columns * const.reshape(shape)).sum(dim=1, keepdim=True)
+    correction = PaddedConstantCorrection(kernel, stride, padding, dilation)
+    contribution = correction(x[:1, :1])
+    if contribution.abs().max().item() <= 1e-6 * max(scale, 1e-6):
+        return None, None
+    value, spread = _spread(contribution, 1)
+    if spread.max().item() <= 1e-5 * max(scale, 1e-6):
+        return Fold(c, c.dim, value), None
+    return Fold(c, c.dim, torch.zeros(weight.shape[0]), kernel.detach(), (stride, padding, dilation)), None
