@@ -16,10 +16,11 @@ from .errors import (  # noqa: E402
 )
 from .plan import Plan  # noqa: E402
 from .trace import Traced, trace  # noqa: E402
+from .transfer import load_big_into_small  # noqa: E402
 from . import passes  # noqa: E402  (the top-level passes/ folder, installed as fxsparse.passes)
 
 __all__ = [
-    "compile", "prune", "apply_plan", "load", "trace", "passes", "Plan", "Traced", "CompileResult",
-    "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError", "MaskError",
-    "PlanMismatchError", "VerificationError",
+    "compile", "prune", "apply_plan", "load", "trace", "load_big_into_small", "passes", "Plan", "Traced",
+    "CompileResult", "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError",
+    "MaskError", "PlanMismatchError", "VerificationError",
 ]
