@@ -7,8 +7,11 @@ transformers, data-dependent Python). ``auto`` tries symbolic first, then export
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -82,7 +85,12 @@ def _default_to_concrete_values(gm: fx.GraphModule, model: torch.nn.Module, conc
 
 
 def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    # A failed torch.export prints the partial graph to stderr; the TraceError says what failed in one line, so
+    # that print is dropped. What a successful export writes is passed on.
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    sys.stderr.write(captured.getvalue())
     return program.module()
 
 
