@@ -37,7 +37,7 @@ EXIT_ERROR = 2
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
@@ -229,6 +229,14 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     package.propagate = False
     package.setLevel(logging.INFO if verbose else logging.WARNING)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not verbose:
+        # torch logs warnings, graphs included, for every failed torch.export attempt; fxsparse reports those
+        # failures itself, in a line each.
+        for name in [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]:
+            logger = logging.getLogger(name)
+            if logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING):
+                logger.setLevel(logging.ERROR)
+        logging.getLogger("torch").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
