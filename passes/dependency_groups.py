@@ -86,36 +86,51 @@ def _group_kind(analysis: ChannelAnalysis, space_ids: set[int]) -> str:
 
 
 def build_groups(analysis: ChannelAnalysis) -> list[Group]:
-    graph = analysis.graph
-    space_of = torch.empty(analysis.n_labels, dtype=torch.long)
-    for index, space in enumerate(graph.spaces):
-        space_of[space.start: space.start + space.size] = index
-    by_group: dict[int, list[int]] = defaultdict(list)
-    for unit, group in zip(analysis.units.tolist(), analysis.unit_group.tolist()):
-        by_group[group].append(unit)
+    """The groups of units, with the parameter dimensions each touches (see ``_touched_groups``)."""
+    if not len(analysis.units):
+        return []
+    order = torch.argsort(analysis.unit_group, stable=True)
+    group_ids, counts = torch.unique_consecutive(analysis.unit_group[order], return_counts=True)
+    units_by_group = dict(zip(group_ids.tolist(), torch.split(analysis.units[order], counts.tolist())))
     spaces_by_group: dict[int, set[int]] = defaultdict(set)
     for index, group in enumerate(analysis.space_group.tolist()):
         spaces_by_group[group].add(index)
-    # which groups each member touches: its own labels' group, and for factored labels their factors' groups
-    member_groups: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    producer_groups: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    for member in graph.members.values():
-        labels = member.labels
-        touched = set(analysis.space_group[space_of[labels]].tolist())
-        factored = analysis.factor_of[labels]
-        factored = factored[factored[:, 0] >= 0]
-        if len(factored):
-            touched |= set(analysis.space_group[space_of[factored.flatten()]].tolist())
-        for g in touched:
-            if g in by_group:
-                member_groups[g].append((member.target, member.dim))
+    label_group = analysis.space_group[analysis.space_of]
+    factors = _component_factors(analysis)
+    members: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    producers: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for member in analysis.graph.members.values():
+        for group in _touched_groups(analysis, member.labels, label_group, factors):
+            if group in units_by_group:
+                members[group].append((member.target, member.dim))
                 if PRODUCE in member.roles:
-                    producer_groups[g].append((member.target, member.dim))
-    groups = []
-    for gid, (group, units) in enumerate(sorted(by_group.items(), key=lambda kv: min(kv[1]))):
-        groups.append(Group(gid, _group_kind(analysis, spaces_by_group[group]), torch.tensor(units),
-                            member_groups[group], producer_groups[group]))
-    return groups
+                    producers[group].append((member.target, member.dim))
+    ordered = sorted(units_by_group.items(), key=lambda item: int(item[1].min()))
+    return [Group(gid, _group_kind(analysis, spaces_by_group[group]), units, members[group], producers[group])
+            for gid, (group, units) in enumerate(ordered)]
+
+
+def _component_factors(analysis: ChannelAnalysis) -> torch.Tensor:
+    """Per label, the (outer, inner) labels its component is factored into, or (-1, -1)."""
+    factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
+    by_root = torch.full_like(analysis.factor_of, -1)
+    by_root[analysis.component[factored]] = analysis.factor_of[factored]
+    return by_root[analysis.component]
+
+
+def _touched_groups(analysis: ChannelAnalysis, labels: torch.Tensor, label_group: torch.Tensor,
+                    factors: torch.Tensor) -> list[int]:
+    """The groups whose units decide some of ``labels``: their own, and those of the factors their channels are
+    made of (an output projection's columns are heads x head-dims), down to factors of factors."""
+    touched: set[int] = set()
+    roots = seen = torch.unique(analysis.component[labels])
+    while len(roots):
+        touched.update(torch.unique(label_group[roots]).tolist())
+        deeper = factors[roots].flatten()
+        roots = torch.unique(analysis.component[deeper[deeper >= 0]])
+        roots = roots[~torch.isin(roots, seen)]
+        seen = torch.cat([seen, roots])
+    return sorted(touched)
 
 
 def analyse_channels(gm: fx.GraphModule) -> ChannelFacts:
