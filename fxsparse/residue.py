@@ -66,20 +66,21 @@ def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict, bias_ind
 
 
 def _conv_settings(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
-    """(stride, padding, dilation, weight) of a non-transposed convolution node, or None."""
+    """(stride, padding, dilation, weight, groups) of a zero-padded, non-transposed convolution node, or None."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if getattr(m, "transposed", False) or m.padding_mode != "zeros" or isinstance(m.padding, str):
             return None
-        return m.stride, m.padding, m.dilation, m.weight
+        return m.stride, m.padding, m.dilation, m.weight, m.groups
     get = lambda i, name, default=None: args[i] if i < len(args) else kwargs.get(name, default)  # noqa: E731
-    if "convolution" in str(node.target):
-        if get(6, "transposed"):
-            return None
+    aten_form = "convolution" in str(node.target)
+    if aten_form and get(6, "transposed"):
+        return None
     padding = get(4, "padding", 0)
     if isinstance(padding, str):
         return None
-    return get(3, "stride", 1), padding, get(5, "dilation", 1), get(1, "weight")
+    groups = get(8, "groups", 1) if aten_form else get(6, "groups", 1)
+    return get(3, "stride", 1), padding, get(5, "dilation", 1), get(1, "weight"), groups
 
 
 def _max_abs(t: torch.Tensor) -> float:
@@ -124,9 +125,9 @@ def settle_residues(
     raise RuntimeError("removed channels' residues did not settle")
 
 
-# Consumers whose bias cannot hold what removed input channels contribute.
-_UNFOLDABLE = {"matmul": "a product of activations", "einsum": "a product of activations",
-               "grouped": "a grouped convolution"}
+# Consumers with a bias that can hold what removed input channels contribute; the others are products of two
+# activations, where what a removed channel adds depends on the other operand.
+_WITH_BIAS = ("linear", "conv", "grouped")
 
 
 def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_labels):
@@ -139,7 +140,7 @@ def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_l
     const, in_spread = _spread(removed_inputs, c.dim)
     uniform_inputs = in_spread.max().item() <= 1e-6 * max(_max_abs(removed_inputs), 1e-6)
     scale = _max_abs(output) if isinstance(output, torch.Tensor) else 1.0
-    batched_conv = c.kind == "conv" and c.dim == 1
+    batched_conv = c.kind in ("conv", "grouped") and c.dim == 1
     settings = _conv_settings(gm, node, call_args, call_kwargs) if batched_conv else None
     with torch.no_grad():
         if uniform_inputs and settings is not None:
@@ -147,8 +148,8 @@ def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_l
         contribution = _contribution(gm, node, c, keep, call_args, call_kwargs, one_position=uniform_inputs)
     if contribution.abs().max().item() <= 1e-6 * max(scale, 1e-6):
         return None, None
-    if c.kind not in ("linear", "conv"):
-        return None, f"removed channels contribute to {_UNFOLDABLE.get(c.kind, c.kind)}"
+    if c.kind not in _WITH_BIAS:
+        return None, f"removed channels contribute to a product of activations ({c.kind})"
     out_dim = len(node_labels[c.node]) - 1 if c.kind == "linear" else c.dim
     value, spread = _spread(contribution, out_dim)
     if spread.max().item() <= 1e-5 * max(scale, 1e-6):
@@ -182,17 +183,15 @@ def _contribution(gm, node, c: Consumer, keep, call_args, call_kwargs, one_posit
         only_removed = first.reshape([1] * (x.dim() - 1) + [x.shape[c.dim]])
     args = list(call_args)
     args[c.input_index] = only_removed
-    bias_index = c.bias_index if c.kind in ("linear", "conv") else None
+    bias_index = c.bias_index if c.kind in _WITH_BIAS else None
     return _call(gm, node, tuple(args), call_kwargs, bias_index)
 
 
 def _measure_uniform_conv(c: Consumer, removed_index, const, x, settings, scale):
     """A zero-padded convolution of channels that are constant over space: what they add is the convolution of an
     all-ones image with the folded kernel ``sum_c W[:, c] * value_c``; a constant (bias) away from the borders."""
-    stride, padding, dilation, weight = settings
-    columns = weight.index_select(1, removed_index)
-    shape = [1, len(const)] + [1] * (weight.dim() - 2)
-    kernel = (columns * const.reshape(shape)).sum(dim=1, keepdim=True)
+    stride, padding, dilation, weight, groups = settings
+    kernel = _folded_kernel(weight, groups, removed_index, const, x.shape[1])
     correction = PaddedConstantCorrection(kernel, stride, padding, dilation)
     contribution = correction(x[:1, :1])
     if contribution.abs().max().item() <= 1e-6 * max(scale, 1e-6):
@@ -201,3 +200,14 @@ def _measure_uniform_conv(c: Consumer, removed_index, const, x, settings, scale)
     if spread.max().item() <= 1e-5 * max(scale, 1e-6):
         return Fold(c, c.dim, value), None
     return Fold(c, c.dim, torch.zeros(weight.shape[0]), kernel.detach(), (stride, padding, dilation)), None
+
+
+def _folded_kernel(weight: torch.Tensor, groups: int, removed_index, const, in_channels: int) -> torch.Tensor:
+    """``K[o] = sum_c W[o, c] * value_c`` over the removed input channels c that output o reads (in a grouped
+    convolution, those of its own group): one input channel that adds what the removed ones added."""
+    values = torch.zeros(in_channels, dtype=weight.dtype)
+    values[removed_index] = const.to(weight.dtype)
+    out_channels, per_group = weight.shape[:2]
+    by_group = weight.reshape(groups, out_channels // groups, per_group, -1)  # [groups, outputs, inputs, taps]
+    kernel = torch.einsum("goct,gc->got", by_group, values.reshape(groups, per_group))
+    return kernel.reshape(out_channels, 1, *weight.shape[2:])
