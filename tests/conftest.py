@@ -72,3 +72,79 @@ def main_output(output) -> torch.Tensor:
 @pytest.fixture
 def hf_model():
     return tiny_hf_model
+
+
+# -- shrink helpers (tests/test_rules*.py, test_shrink*.py, test_hf_shrink*.py, test_property*.py) ------------------
+_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LayerNorm,
+          torch.nn.GroupNorm)
+
+
+def randomize_constants(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BatchNorm statistics, normalisation scales and biases, so that removed channels carry constants and
+    their folding is exercised; parameters initialised to (nearly) zero, like ViT's head, become random too (a
+    zero head makes every output 0, and a comparison of outputs could not fail)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+                module.weight.normal_(1.0, 0.2, generator=generator)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.normal_(0.0, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.2, generator=generator)
+            elif param.numel() and param.abs().max() < 1e-4:
+                param.normal_(0.0, 0.1, generator=generator)
+    return model
+
+
+def channel_facts(model: torch.nn.Module, example, frontend: str = "auto", **trace_options):
+    """What DependencyGroups finds in ``model``: groups, units, barriers (fxsparse.passes.dependency_groups)."""
+    from fxsparse.passes.dependency_groups import analyse_channels
+    from fxsparse.shapes import propagate_shapes
+    from fxsparse.trace import trace
+
+    traced = trace(model, example, frontend=frontend, **trace_options)
+    if traced.frontend != "export":  # export graphs carry their shapes already
+        propagate_shapes(traced.module, traced.args, traced.kwargs)
+    return analyse_channels(traced.module)
+
+
+def random_unit_masks(facts, fraction: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Masks removing ``fraction`` of the units of every group, at random (what a structured pruner decides)."""
+    from fxsparse.masks import masks_for_units, random_units
+
+    units = random_units(facts.groups, fraction, torch.Generator().manual_seed(seed))
+    return masks_for_units(facts.analysis, units)
+
+
+def masked_reference(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    """The original model with the masks multiplied into its weights: what a shrunk model must compute."""
+    from fxsparse.masks import apply_masks, normalize_masks
+
+    return apply_masks(model, normalize_masks(masks, model)).eval()
+
+
+def assert_shrinks_exactly(model: torch.nn.Module, example, masks: dict, tolerance: float = 1e-4, **options):
+    """Compile ``model`` with MaskPropagation + Shrink, then check the result independently of the built-in
+    verification: same output shapes as the masked model, relative error under ``tolerance`` on a fresh input,
+    a reference that is not all zeros, and a report whose parameter count is the shrunk module's. Returns the
+    compile result."""
+    import fxsparse
+    from fxsparse.inputs import inputs_like, normalize_example_inputs
+    from fxsparse.metrics import count_parameters
+    from fxsparse.passes import MaskPropagation, Shrink
+
+    result = fxsparse.compile(model, example, passes=[MaskPropagation(masks), Shrink()], tolerance=tolerance,
+                              **options)
+    args, kwargs = inputs_like(*normalize_example_inputs(example), torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        expected = main_output(masked_reference(model, masks)(*args, **kwargs))
+        got = main_output(result.module(*args, **kwargs))
+    assert got.shape == expected.shape
+    assert expected.abs().max() > 0, "the reference output is all zeros: this comparison could not fail"
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert error < tolerance, f"shrunk model differs from the masked model: relative error {error:.2e}"
+    assert result.report.after["parameters"] == count_parameters(result.module)
+    return result
