@@ -148,3 +148,13 @@ def assert_shrinks_exactly(model: torch.nn.Module, example, masks: dict, toleran
     assert error < tolerance, f"shrunk model differs from the masked model: relative error {error:.2e}"
     assert result.report.after["parameters"] == count_parameters(result.module)
     return result
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one CPU thread: tiny models gain nothing from two, and on a busy machine OpenMP threads that
+    wait for each other can turn a second's work into a minute's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from conftest import assert_shrinks_exactly, channel_facts, random_unit_masks, randomize_constants
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE = torch.randn(2, 3, 8, 8)
 
 
