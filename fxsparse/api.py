@@ -112,7 +112,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
     if inplace:
-        apply_result(model, result.module, result.plan, args, kwargs, tolerance or 1e-4)
+        apply_result(model, result.module, result.plan, args, kwargs, tolerance)
     return result
 
 

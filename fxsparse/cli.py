@@ -26,7 +26,7 @@ from .errors import BadArgumentError, FxsparseError
 log = logging.getLogger("fxsparse.cli")
 
 # The pipeline `fxsparse demo` runs on every built-in model (and `fxsparse compile`'s default --passes).
-DEMO_PASSES: list[str] = ["ShapeInference"]
+DEMO_PASSES: list[str] = ["Prune", "Shrink"]
 
 EXIT_ERROR = 2
 

@@ -226,8 +226,10 @@ def _config_mismatches(model: nn.Module, config: Any, shapes: dict[str, tuple]) 
 
 
 def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, kwargs: dict,
-                 tolerance: float = 1e-4) -> nn.Module:
-    """Make ``model`` compute what ``source`` (the compiled GraphModule) computes, by resizing it in place."""
+                 tolerance: float | None = 1e-4) -> nn.Module:
+    """Make ``model`` compute what ``source`` (the compiled GraphModule) computes, by resizing it in place.
+
+    ``tolerance``: the largest relative difference accepted (None: measure only)."""
     if not isinstance(model, nn.Module):
         raise PlanMismatchError(f"can only apply a plan to an nn.Module, not {type(model).__name__}")
     plan.check_fits(model)

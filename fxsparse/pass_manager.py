@@ -1,16 +1,12 @@
 """Passes and the manager that orders, runs, times and verifies them."""
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from .context import CompileContext
 from .errors import BadArgumentError, PassOrderError
-
-log = logging.getLogger("fxsparse")
-
 
 class Pass:
     """One step of the compiler.
@@ -107,12 +103,16 @@ class PassManager:
         for p, inserted in self.schedule(set(ctx.facts)):
             if progress:
                 progress(p.name)
-            log.info("fxsparse: running %s", p.name)
+            before = ctx.module
             if p.rewrites and ctx.verify and self.verifier is not None:
-                ctx.reference = ctx.module
+                ctx.reference = before
             start = time.perf_counter()
             rows = p.run(ctx)
             seconds = time.perf_counter() - start
+            if p.rewrites and ctx.module is before:
+                raise PassOrderError(
+                    f"pass {p.name!r} rewrote the module in place; a rewriting pass must put a new module in "
+                    f"ctx.module, so that the one before it stays the reference it is verified against")
             if p.rewrites:
                 for fact in list(ctx.facts):
                     if fact not in p.preserves and fact not in p.provides:
