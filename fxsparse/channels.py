@@ -221,12 +221,15 @@ class ChannelAnalysis:
         self.fixed_component = fixed
 
     # -- units and groups -------------------------------------------------------------------------------------
-    def _build_units(self) -> None:
+    def channel_units(self, include_fixed: bool = False) -> torch.Tensor:
+        """Component roots that are channels: produced by some weight, or a factor (a head, a group) of such
+        channels. A parameter dim nobody produces (an embedding table's rows, a kernel's taps) is no channel.
+        Fixed channels are left out unless ``include_fixed`` (a new, smaller model may drop them)."""
         comp = self.component
         roots = torch.unique(comp)
-        free = roots[~self.derived_component[roots] & ~self.fixed_component[roots]]
-        # A unit is a channel some weight produces, or a factor (a head, a group) of such channels: a parameter
-        # dim nobody produces (an embedding table's rows, a kernel's taps) is not a channel to prune.
+        roots = roots[~self.derived_component[roots]]
+        if not include_fixed:
+            roots = roots[~self.fixed_component[roots]]
         produced = torch.zeros(self.n_labels, dtype=torch.bool)
         for member in self.graph.members.values():
             if PRODUCE in member.roles:
@@ -234,7 +237,20 @@ class ChannelAnalysis:
         for space in self.graph.spaces:
             if space.kind in ("outer", "inner"):
                 produced[comp[space.start: space.start + space.size]] = True
-        self.units = free[produced[free]]  # component roots that a decision may remove
+        return roots[produced[roots]]
+
+    def group_kinds(self) -> dict[int, str]:
+        """Each space group's kind: "heads/groups" (outer factors: attention heads, conv groups), "per-head dims"
+        (inner factors), or "channels"."""
+        kinds: dict[int, set[str]] = {}
+        for index, space in enumerate(self.graph.spaces):
+            kinds.setdefault(int(self.space_group[index]), set()).add(space.kind)
+        return {group: "heads/groups" if "outer" in k else "per-head dims" if "inner" in k else "channels"
+                for group, k in kinds.items()}
+
+    def _build_units(self) -> None:
+        comp = self.component
+        self.units = self.channel_units()  # component roots that a decision may remove
         space_of = torch.empty(self.n_labels, dtype=torch.long)
         for index, space in enumerate(self.graph.spaces):
             space_of[space.start: space.start + space.size] = index

@@ -165,10 +165,12 @@ def _push(analysis: ChannelAnalysis, totals: torch.Tensor, labels: torch.Tensor,
 
 
 def unit_scores(analysis: ChannelAnalysis, module: torch.nn.Module, importance: Importance,
-                grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Raw (reduced, not yet group-normalised) scores of every unit of ``analysis``, in ``analysis.units`` order."""
+                grads: dict[str, torch.Tensor] | None = None, units: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw (reduced, not yet group-normalised) scores of ``units`` (component roots; default: the prunable units
+    of ``analysis``), in that order."""
+    units = analysis.units if units is None else units
     if isinstance(importance, RandomImportance):
-        return torch.rand(len(analysis.units), generator=importance.generator)
+        return torch.rand(len(units), generator=importance.generator)
     totals = torch.zeros(analysis.n_labels)
     covered = torch.zeros(analysis.n_labels)
     fallback = torch.zeros(analysis.n_labels) if isinstance(importance, BNScale) else None
@@ -183,8 +185,8 @@ def unit_scores(analysis: ChannelAnalysis, module: torch.nn.Module, importance: 
             _push(analysis, covered, member.labels, torch.ones_like(scores))
         if fallback is not None:
             _push(analysis, fallback, member.labels, importance.fallback.member_scores(tensor, member.dim, None, set()))
-    scores = importance.reduce(totals[analysis.units])
+    scores = importance.reduce(totals[units])
     if fallback is not None:  # units no normalisation scale covers are scored by magnitude
-        uncovered = covered[analysis.units] == 0
-        scores = torch.where(uncovered, importance.fallback.reduce(fallback[analysis.units]), scores)
+        uncovered = covered[units] == 0
+        scores = torch.where(uncovered, importance.fallback.reduce(fallback[units]), scores)
     return scores

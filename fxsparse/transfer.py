@@ -31,7 +31,6 @@ nothing is traced, and neither an architecture nor example inputs are needed.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 import re
@@ -44,7 +43,6 @@ from typing import Any, Callable, Mapping
 import torch
 from tabulate import tabulate
 
-from .channels import PRODUCE
 from .errors import BadArgumentError, PlanMismatchError
 from .importance import Importance, resolve_importance, unit_scores
 from .inputs import normalize_example_inputs
@@ -288,32 +286,10 @@ class _Coupling:
         self.analysis = analyse_channels(traced.module).analysis
         graph = self.analysis.graph
         self.canonical = {alias: name for name, aliases in graph.aliases.items() for alias in aliases}
-        self.kinds = self._group_kinds()
-        self.units, self.unit_group = self._units()
-
-    def _group_kinds(self) -> dict[int, str]:
-        """Each space group's kind, named as DependencyGroups names it."""
-        space_kinds: dict[int, set[str]] = defaultdict(set)
-        for index, space in enumerate(self.analysis.graph.spaces):
-            space_kinds[int(self.analysis.space_group[index])].add(space.kind)
-        return {group: HEADS if "outer" in kinds else HEAD_DIMS if "inner" in kinds else CHANNELS
-                for group, kinds in space_kinds.items()}
-
-    def _units(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every channel a weight produces and every head or head dim, fixed or not, with its group."""
-        analysis = self.analysis
-        comp = analysis.component
-        roots = torch.unique(comp)
-        roots = roots[~analysis.derived_component[roots]]
-        produced = torch.zeros(analysis.n_labels, dtype=torch.bool)
-        for member in analysis.graph.members.values():
-            if PRODUCE in member.roles:
-                produced[comp[member.labels]] = True
-        for space in analysis.graph.spaces:
-            if space.kind in ("outer", "inner"):
-                produced[comp[space.start: space.start + space.size]] = True
-        units = roots[produced[roots]]
-        return units, analysis.space_group[analysis.space_of[units]]
+        self.kinds = self.analysis.group_kinds()
+        # every channel, head and head dim, fixed ones too: a new, smaller model may drop residual channels
+        self.units = self.analysis.channel_units(include_fixed=True)
+        self.unit_group = self.analysis.space_group[self.analysis.space_of[self.units]]
 
     def member(self, name: str, dim: int):
         return self.analysis.graph.members.get((self.canonical.get(name, name), dim))
@@ -339,10 +315,8 @@ class _Coupling:
         return widths
 
     def scores(self, importance: Importance) -> torch.Tensor:
-        """One score per selectable unit: ``unit_scores`` over these units instead of the prunable ones."""
-        view = copy.copy(self.analysis)
-        view.units = self.units
-        return unit_scores(view, self.module, importance)
+        """One score per selectable unit (fixed ones included)."""
+        return unit_scores(self.analysis, self.module, importance, units=self.units)
 
 
 def _removal_counts(rows: list[TransferRow], coupling: _Coupling, widths: dict[Key, dict[int, int]]

@@ -76,15 +76,6 @@ def propagate_labels(gm: fx.GraphModule) -> tuple[ChannelGraph, dict[fx.Node, An
     return graph, env
 
 
-def _group_kind(analysis: ChannelAnalysis, space_ids: set[int]) -> str:
-    kinds = {analysis.graph.spaces[s].kind for s in space_ids}
-    if "outer" in kinds:
-        return "heads/groups"
-    if "inner" in kinds:
-        return "per-head dims"
-    return "channels"
-
-
 def build_groups(analysis: ChannelAnalysis) -> list[Group]:
     """The groups of units, with the parameter dimensions each touches (see ``_touched_groups``)."""
     if not len(analysis.units):
@@ -92,9 +83,7 @@ def build_groups(analysis: ChannelAnalysis) -> list[Group]:
     order = torch.argsort(analysis.unit_group, stable=True)
     group_ids, counts = torch.unique_consecutive(analysis.unit_group[order], return_counts=True)
     units_by_group = dict(zip(group_ids.tolist(), torch.split(analysis.units[order], counts.tolist())))
-    spaces_by_group: dict[int, set[int]] = defaultdict(set)
-    for index, group in enumerate(analysis.space_group.tolist()):
-        spaces_by_group[group].add(index)
+    kinds = analysis.group_kinds()
     label_group = analysis.space_group[analysis.space_of]
     factors = _component_factors(analysis)
     members: dict[int, list[tuple[str, int]]] = defaultdict(list)
@@ -106,7 +95,7 @@ def build_groups(analysis: ChannelAnalysis) -> list[Group]:
                 if PRODUCE in member.roles:
                     producers[group].append((member.target, member.dim))
     ordered = sorted(units_by_group.items(), key=lambda item: int(item[1].min()))
-    return [Group(gid, _group_kind(analysis, spaces_by_group[group]), units, members[group], producers[group])
+    return [Group(gid, kinds[group], units, members[group], producers[group])
             for gid, (group, units) in enumerate(ordered)]
 
 
