@@ -161,8 +161,11 @@ def _measure_attention(c: Consumer, keep, call_args):
     """Removed head-dims of q add ``q_removed . k_removed`` to every score: harmless iff the same for every key."""
     x = call_args[c.input_index]
     q = x * _broadcast_mask((~keep[c.labels]).to(x.dtype), c.dim, x.dim())
+    k = call_args[1]
+    if k.dim() >= 3 and k.shape[-3] != q.shape[-3]:  # grouped-query attention: each k head serves several q heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     with torch.no_grad():
-        contribution = q @ call_args[1].transpose(-1, -2)
+        contribution = q @ k.transpose(-1, -2)
     across_keys = contribution.amax(-1) - contribution.amin(-1)
     scale = contribution.abs().max().item() + 1e-30
     if across_keys.abs().max().item() <= 1e-5 * max(scale, 1.0):
