@@ -151,6 +151,22 @@ def connected_components(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
             parent = grand
 
 
+def _factor_table(n: int, factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each label's (outer, inner) factor pair (-1 where none), and the ties that make a label factored more than
+    once agree: twice by two views, or twice within one (``cat([x, x])`` viewed as conv groups puts channel k
+    in two groups at once, and those groups can then only go together)."""
+    empty = torch.empty(0, dtype=torch.long)
+    base = torch.cat([b for b, _, _ in factors]) if factors else empty
+    outer = torch.cat([o.repeat_interleave(len(i)) for _, o, i in factors]) if factors else empty
+    inner = torch.cat([i.repeat(len(o)) for _, o, i in factors]) if factors else empty
+    rows = torch.arange(len(base))
+    first = torch.full((n,), len(base), dtype=torch.long).scatter_reduce_(0, base, rows, reduce="amin")[base]
+    factor_of = torch.full((n, 2), -1, dtype=torch.long)
+    factor_of[base[first == rows]] = torch.stack([outer, inner], dim=1)[first == rows]
+    again = first != rows
+    return factor_of, torch.cat([outer[again], inner[again]]), torch.cat([outer[first[again]], inner[first[again]]])
+
+
 class ChannelAnalysis:
     """Components, units and groups of a finished :class:`ChannelGraph`.
 
@@ -165,22 +181,11 @@ class ChannelAnalysis:
         self.n_labels = n
         pairs_a = [a for a, _ in graph.ties]
         pairs_b = [b for _, b in graph.ties]
-        factor_of = torch.full((n, 2), -1, dtype=torch.long)
-        extra_a: list[torch.Tensor] = []
-        extra_b: list[torch.Tensor] = []
-        for base, outer, inner in graph.factors:
-            grid_outer = outer.repeat_interleave(len(inner))
-            grid_inner = inner.repeat(len(outer))
-            already = factor_of[base, 0] >= 0
-            if already.any():  # a label factored twice: both factorings must agree
-                extra_a += [factor_of[base[already], 0], factor_of[base[already], 1]]
-                extra_b += [grid_outer[already], grid_inner[already]]
-            factor_of[base, 0] = grid_outer
-            factor_of[base, 1] = grid_inner
+        factor_of, extra_a, extra_b = _factor_table(n, graph.factors)
         # Close: members of one component with different factor pairs force those factors together.
         has_factor = factor_of[:, 0] >= 0
         cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
-        a_all, b_all = cat(pairs_a + extra_a), cat(pairs_b + extra_b)
+        a_all, b_all = cat(pairs_a + [extra_a]), cat(pairs_b + [extra_b])
         for _ in range(32):
             comp = connected_components(n, a_all, b_all)
             labels = torch.nonzero(has_factor).flatten()
