@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -27,8 +28,15 @@ _SHAPE_PRESERVING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.ins
 class _MetaPropagator(fx.Interpreter):
     """Runs the graph on meta tensors and keeps each node's value.
 
-    Export graphs pin a device (``arange(..., device=cpu)``, tensor constants): those go to meta too.
+    Export graphs pin a device (``arange(..., device=cpu)``, tensor constants): those go to meta too. Many aten
+    meta kernels are Python decompositions (addmm, layer_norm), and a transformer calls each with the same shapes
+    once per layer: a functional, non-view aten op's result depends only on its arguments' shapes, strides and
+    dtypes, so it is computed once per distinct signature and rebuilt from the memo after that.
     """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.memo: dict[Any, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -48,7 +56,45 @@ class _MetaPropagator(fx.Interpreter):
     def call_function(self, target, args, kwargs) -> Any:
         if kwargs.get("device") is not None:
             kwargs = {**kwargs, "device": _META}
-        return super().call_function(target, args, kwargs)
+        key = _signature(target, args, kwargs)
+        if key is None:
+            return super().call_function(target, args, kwargs)
+        if key not in self.memo:
+            result = super().call_function(target, args, kwargs)
+            self.memo[key] = pytree.tree_map_only(torch.Tensor, _layout, result)
+        return pytree.tree_map_only(_Layout, _rebuild, self.memo[key])
+
+
+class _Layout(tuple):
+    """(shape, stride, dtype) of a meta tensor in the memo."""
+
+
+def _layout(t: torch.Tensor) -> _Layout:
+    return _Layout((tuple(t.shape), t.stride(), t.dtype))
+
+
+def _rebuild(layout: _Layout) -> torch.Tensor:
+    shape, stride, dtype = layout
+    return torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+
+
+def _signature(target, args, kwargs) -> Any:
+    """A hashable key of an aten op call whose meta result depends only on it, or None (not memoised)."""
+    if not isinstance(target, torch._ops.OpOverload) or target.is_view or target._schema.is_mutable:
+        return None
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key = [target, str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if not leaf.is_meta:
+                return None
+            key.append((tuple(leaf.shape), leaf.stride(), leaf.storage_offset(), leaf.dtype))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str, torch.dtype, torch.device, torch.layout,
+                                               torch.memory_format)):
+            key.append((type(leaf), leaf))
+        else:
+            return None
+    return tuple(key)
 
 
 def _per_channel_output(target: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
