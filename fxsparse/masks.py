@@ -108,8 +108,9 @@ def zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """
     tensor = tensor.detach()
     grid = tensor.reshape(math.prod(tensor.shape[:dim]), tensor.shape[dim], -1)
-    nonzero = grid.ne(0).any(dim=2) if grid.shape[2] > 1 else grid[:, :, 0].ne(0)
-    return ~nonzero.any(dim=0)
+    if tensor.dtype != torch.bool:
+        grid = grid.ne(0)
+    return ~grid.any(dim=2).any(dim=0)
 
 
 def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor) -> dict[str, torch.Tensor]:

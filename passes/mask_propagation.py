@@ -23,11 +23,14 @@ from fxsparse.pass_manager import Pass
 from fxsparse.removal import Removal
 
 
-def removable_units(ctx: CompileContext, module: torch.nn.Module) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def removable_units(ctx: CompileContext, module: torch.nn.Module,
+                    masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Units whose channels are zero in every member (forward or backward), and rows on the conflicts.
 
     Judged per unit over every label whose fate it decides (for a head: the rows of q, k and v of that head, the
     columns of the output projection), so a unit goes only when everything that goes with it is provably zero.
+    A slice of a masked weight is zero where its mask is; a weight without a mask is read only at the channels
+    some mask zeroes (the others cannot go anyway), which spares scanning a large model's unmasked weights.
     """
     facts = ctx.facts["groups"]
     analysis = facts.analysis
@@ -36,15 +39,18 @@ def removable_units(ctx: CompileContext, module: torch.nn.Module) -> tuple[torch
     n = analysis.n_labels
     flags = {key: torch.zeros(n, dtype=torch.bool) for key in
              ("has_prod", "bad_prod", "has_cons", "bad_cons", "any_zero")}
+    members = [m for m in graph.members.values() if m.roles & {PRODUCE, CONSUME}]
+    masked_zero = [zero_slices(masks[m.target], m.dim) if m.target in masks else None for m in members]
+    for member, zero in zip(members, masked_zero):
+        if zero is not None:
+            flags["any_zero"][comp[member.labels][zero]] = True
     seen = []
-    for member in graph.members.values():
+    for member, zero in zip(members, masked_zero):
         roles = member.roles & {PRODUCE, CONSUME}
-        if not roles:
-            continue
-        zero = zero_slices(get_attr_value(module, member.target), member.dim)
         roots = comp[member.labels]
+        if zero is None:
+            zero = _zero_where(get_attr_value(module, member.target), member.dim, flags["any_zero"][roots])
         seen.append((member, roots, zero))
-        flags["any_zero"][roots[zero]] = True
         for role, has, bad in ((PRODUCE, "has_prod", "bad_prod"), (CONSUME, "has_cons", "bad_cons")):
             if role in roles:
                 flags[has][roots] = True
@@ -70,6 +76,15 @@ def removable_units(ctx: CompileContext, module: torch.nn.Module) -> tuple[torch
     return chosen, rows
 
 
+def _zero_where(weight: torch.Tensor, dim: int, candidates: torch.Tensor) -> torch.Tensor:
+    """Per index of ``dim``: is ``weight``'s slice zero? Read only where ``candidates``; elsewhere False."""
+    zero = torch.zeros(len(candidates), dtype=torch.bool)
+    if bool(candidates.any()):
+        index = torch.nonzero(candidates).flatten()
+        zero[index] = zero_slices(weight.index_select(dim, index), dim)
+    return zero
+
+
 class MaskPropagation(Pass):
     """Masks in, removable channels out (``ctx.facts["removal"]``); the masked model becomes the reference."""
 
@@ -86,7 +101,7 @@ class MaskPropagation(Pass):
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
         masks = normalize_masks(self.masks, ctx.module)
         ctx.module = apply_masks(ctx.module, masks, in_place=True)  # the compile's own graph, not the user's model
-        units, conflicts = removable_units(ctx, ctx.module)
+        units, conflicts = removable_units(ctx, ctx.module, masks)
         ctx.facts["removal"] = Removal(units, "masks")
         self._stats = (len(masks), len(units), len(conflicts))
         rows = []
