@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+from fxsparse.testing import channel_facts, random_unit_masks, randomize_constants  # noqa: F401 - for the tests
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message="The default weight initialization of", category=FutureWarning)
@@ -75,48 +77,6 @@ def hf_model():
 
 
 # -- shrink helpers (tests/test_rules*.py, test_shrink*.py, test_hf_shrink*.py, test_property*.py) ------------------
-_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LayerNorm,
-          torch.nn.GroupNorm)
-
-
-def randomize_constants(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm statistics, normalisation scales and biases, so that removed channels carry constants and
-    their folding is exercised; parameters initialised to (nearly) zero, like ViT's head, become random too (a
-    zero head makes every output 0, and a comparison of outputs could not fail)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
-                module.weight.normal_(1.0, 0.2, generator=generator)
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                module.running_mean.normal_(0.0, 0.5, generator=generator)
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.2, generator=generator)
-            elif param.numel() and param.abs().max() < 1e-4:
-                param.normal_(0.0, 0.1, generator=generator)
-    return model
-
-
-def channel_facts(model: torch.nn.Module, example, frontend: str = "auto", **trace_options):
-    """What DependencyGroups finds in ``model``: groups, units, barriers (fxsparse.passes.dependency_groups)."""
-    from fxsparse.passes.dependency_groups import analyse_channels
-    from fxsparse.shapes import propagate_shapes
-    from fxsparse.trace import trace
-
-    traced = trace(model, example, frontend=frontend, **trace_options)
-    if traced.frontend != "export":  # export graphs carry their shapes already
-        propagate_shapes(traced.module, traced.args, traced.kwargs)
-    return analyse_channels(traced.module)
-
-
-def random_unit_masks(facts, fraction: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Masks removing ``fraction`` of the units of every group, at random (what a structured pruner decides)."""
-    from fxsparse.masks import masks_for_units, random_units
-
-    units = random_units(facts.groups, fraction, torch.Generator().manual_seed(seed))
-    return masks_for_units(facts.analysis, units)
 
 
 def masked_reference(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
