@@ -100,6 +100,14 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def apply_to(self, module: torch.nn.Module, example_inputs: Any = None,
+                 example_kwargs: dict | None = None) -> torch.nn.Module:
+        """Shrink ``module`` (a fresh instance of the planned model) to this plan, in place; see
+        :func:`fxsparse.apply_plan`."""
+        from .api import apply_plan
+
+        return apply_plan(module, self, example_inputs, example_kwargs)
+
     def check_fits(self, module: torch.nn.Module) -> None:
         """Raise PlanMismatchError naming the first parameter whose name or shape differs from the planned model."""
         shapes = {n: list(t.shape) for n, t in module.state_dict(keep_vars=True).items()}

@@ -38,7 +38,7 @@ def test_apply_plan_rebuilds_the_architecture_and_a_checkpoint_loads(pruned_resn
     _, result = pruned_resnet
     result.plan.save(tmp_path / "plan.json")
     fresh = torchvision.models.resnet18(num_classes=10)
-    fxsparse.apply_plan(fresh, tmp_path / "plan.json")
+    assert fxsparse.Plan.load(tmp_path / "plan.json").apply_to(fresh) is fresh
     assert isinstance(fresh.layer1[0].conv1, nn.Conv2d) and fresh.layer1[0].conv1.out_channels == 32
     fresh.load_state_dict(result.module.state_dict())  # strict: same names, same shapes
     fresh.eval()
