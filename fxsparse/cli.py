@@ -11,8 +11,10 @@ MODEL is a built-in model name (see ``fxsparse.models.BUILTIN_MODELS``), ``torch
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 import tempfile
@@ -122,17 +124,57 @@ def parse_passes(text: str) -> list[str]:
     return names
 
 
+def parse_pass_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["Prune.ratio=0.3", "Prune.importance=l1"]`` -> ``{"Prune": {"ratio": 0.3, "importance": "l1"}}``.
+
+    A value is read as a Python literal (numbers, True, lists, dicts) when it is one, else kept as a string.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        pass_name, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise BadArgumentError(f"--option {item!r}: write it as PASS.OPTION=VALUE, e.g. Prune.ratio=0.3")
+        if pass_name not in names:
+            raise BadArgumentError(f"--option {item!r}: pass {pass_name!r} is not in --passes ({', '.join(names)})")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        options.setdefault(pass_name, {})[option] = value
+    return options
+
+
+def build_passes(names: Sequence[str], options: dict[str, dict[str, Any]]) -> list[Any]:
+    """Pass objects for ``names``; a pass with options is built with them, and an option it does not take is a
+    BadArgumentError naming it."""
+    from fxsparse.passes import PASSES
+
+    passes: list[Any] = []
+    for name in names:
+        if name not in options:
+            passes.append(name)
+            continue
+        accepted = inspect.signature(PASSES[name]).parameters
+        for option in options[name]:
+            if option not in accepted:
+                raise BadArgumentError(f"--option {name}.{option}: {name} takes {', '.join(accepted) or 'no options'}")
+        passes.append(PASSES[name](**options[name]))
+    return passes
+
+
 # --------------------------------------------------------------------------------------------------- commands
 
 
-def _compile(model: torch.nn.Module, inputs: Any, passes: Sequence[str], frontend: str, verify: bool):
+def _compile(model: torch.nn.Module, inputs: Any, passes: Sequence[Any], frontend: str, verify: bool):
     from .api import compile as fx_compile
 
     return fx_compile(model, inputs, list(passes), frontend=frontend, verify=verify)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    passes = parse_passes(args.passes)
+    names = parse_passes(args.passes)
+    passes = build_passes(names, parse_pass_options(args.option, names))
     model, inputs = load_model_spec(args.model)
     log.info("loaded %s (%s)", args.model, type(model).__name__)
     if args.input_shape:
@@ -141,7 +183,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         inputs = torch.randn(1, 3, 224, 224) if args.model.startswith("torchvision:") else None
     if inputs is None:
         raise BadArgumentError(f"model {args.model!r} comes with no example inputs: give --input-shape")
-    log.info("compiling %s with %s", args.model, ", ".join(passes) or "no passes")
+    log.info("compiling %s with %s", args.model, ", ".join(names) or "no passes")
     result = _compile(model, inputs, passes, args.frontend, not args.no_verify)
     print(result.report)
     if args.output:
@@ -207,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument(
         "--input-shape", help="shape of a random example input, e.g. 1,3,224,224 (default: the model's own example, "
         "or 1,3,224,224 for torchvision models)",
+    )
+    compile_parser.add_argument(
+        "-o", "--option", action="append", default=[], metavar="PASS.OPTION=VALUE",
+        help="an option of a pass, e.g. -o Prune.ratio=0.3 -o Prune.importance=l1 (repeatable)",
     )
     compile_parser.add_argument("--frontend", choices=("auto", "symbolic", "export"), default="auto")
     compile_parser.add_argument("--output", help="write the compiled model here (.pt2; fxsparse.load reads it)")

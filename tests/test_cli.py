@@ -104,6 +104,9 @@ def test_bad_model_spec_is_one_line_exit_2(tmp_path):
         (["compile", "resnet", "--input-shape", "1,5,32,32"], ["example_inputs", "5 channels"]),
         (["compile", "fxsparse.models:no_such_factory"], ["no attribute 'no_such_factory'"]),
         (["compile", "fxsparse.models:BUILTIN_MODELS"], ["not callable"]),
+        (["compile", "resnet", "-o", "Prune.rate=0.3"], ["Prune.rate", "ratio"]),
+        (["compile", "resnet", "-o", "Prune=0.3"], ["'Prune=0.3'", "PASS.OPTION=VALUE"]),
+        (["compile", "resnet", "--passes", "Prune", "-o", "Shrink.verify=1"], ["'Shrink'", "not in --passes"]),
     ],
 )
 def test_errors_in_process(argv, words, capsys, tmp_path, monkeypatch):
@@ -163,6 +166,14 @@ def test_compile_builtin_with_default_passes(capsys):
     out = capsys.readouterr().out
     assert "fxsparse report: SmallTransformer" in out
     assert all(name in out for name in cli.DEMO_PASSES)
+
+
+def test_pass_options_reach_the_pass(tmp_path):
+    assert cli.main(["-q", "compile", "resnet", "-o", "Prune.ratio=0.25", "-o", "Prune.importance=l1",
+                     "--plan", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    settings = next(p["settings"] for p in plan["passes"] if p["name"] == "Prune")
+    assert settings["ratio"] == 0.25 and settings["importance"] == "l1"
 
 
 def test_usage_errors_exit_2(capsys):
