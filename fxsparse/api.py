@@ -13,12 +13,13 @@ from .context import CompileContext
 from .errors import BadArgumentError
 from .inplace import apply_result
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
+from .lower import modules_to_lower
 from .metrics import describe
 from .pass_manager import Pass, PassManager
 from .plan import Plan
 from .report import Report
 from .serialize import PLAN_FILE, REPORT_FILE, load_module, save_module
-from .trace import prepare_model, trace_module
+from .trace import Traced, prepare_model, trace_module
 from .verify import verify_equivalent
 
 log = logging.getLogger("fxsparse")
@@ -79,6 +80,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict | None = None,
     inplace: bool = False,
+    lower_modules: bool = True,
 ) -> CompileResult:
     """Trace ``model`` and run ``passes`` over it.
 
@@ -88,6 +90,11 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
     names, so its training loop, ``generate()`` and ``save_pretrained()`` keep working); if that fails the model
     is left as it was.
+
+    ``lower_modules``: first rewrite the modules the op-rule table cannot see into (nn.MultiheadAttention) as ops it
+    can, so that the attention heads inside them can be pruned (see :mod:`fxsparse.lower`). A lowered module no longer
+    maps onto the user's own module tree, so ``inplace=True`` keeps them whole, and a plan that prunes inside one
+    fits the compiled module only.
     """
     from fxsparse.passes import PROVIDERS
 
@@ -103,17 +110,32 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     if traced.frontend == "export":
         ctx.facts["export_values"] = True
     before = describe(traced.module, args, kwargs)
-    manager = PassManager(pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
+    lowering, notes = _lowering(traced, lower_modules, inplace)
+    manager = PassManager(lowering + pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))
     for record_pass in manager.passes:
         ctx.plan.record_pass(record_pass.name, record_pass.settings())
     ctx.plan.shapes_after = {n: list(t.shape) for n, t in ctx.module.state_dict().items()}
     after = describe(ctx.module, args, kwargs)
-    report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes)
+    report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes + notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
     if inplace:
         apply_result(model, result.module, result.plan, args, kwargs, tolerance)
     return result
+
+
+def _lowering(traced: Traced, lower_modules: bool, inplace: bool) -> tuple[list[Pass], list[str]]:
+    """LowerModules, to run first, when the traced graph calls modules it lowers; else a note on why they stay
+    whole (an export graph calls no modules: torch.export has already taken them apart)."""
+    from fxsparse.passes import LowerModules
+
+    count = len(modules_to_lower(traced.module))
+    if not count:
+        return [], []
+    if lower_modules and not inplace:
+        return [LowerModules()], []
+    why = "inplace=True resizes the model's own modules" if inplace else "lower_modules=False"
+    return [], [f"{count} nn.MultiheadAttention kept whole ({why}): the attention heads inside are not pruned"]
 
 
 def prune(model: torch.nn.Module, example_inputs: Any = None, keep: float = 0.8, **options: Any) -> CompileResult:
@@ -130,7 +152,8 @@ def prune(model: torch.nn.Module, example_inputs: Any = None, keep: float = 0.8,
     return compile(model, example_inputs, [Prune(ratio=1.0 - keep, **options), Shrink()], **compile_options)
 
 
-_COMPILE_OPTIONS = ("example_kwargs", "frontend", "verify", "tolerance", "leaf_modules", "concrete_args", "inplace")
+_COMPILE_OPTIONS = ("example_kwargs", "frontend", "verify", "tolerance", "leaf_modules", "concrete_args", "inplace",
+                    "lower_modules")
 
 
 def plan_masks(plan: Plan) -> dict[str, torch.Tensor]:
@@ -170,7 +193,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
     result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
-                     frontend=plan.frontend or "auto")
+                     frontend=plan.frontend or "auto", lower_modules=False)
     return apply_result(model, result.module, plan, args, kwargs)
 
 

@@ -28,3 +28,29 @@ class PaddedConstantCorrection(nn.Module):
         size = [1, 1] + [x.shape[-k] for k in range(self.spatial, 0, -1)]
         ones = torch.ones(size, dtype=x.dtype, device=x.device)
         return _CONV[self.spatial](ones, self.weight, None, self.stride, self.padding, self.dilation)
+
+
+class DotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as a module, so that its attention dropout follows ``train()``/``eval()``
+    as nn.MultiheadAttention's does (a functional call would have its dropout frozen into the graph)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+
+
+class LoweredMultiheadAttention(nn.Module):
+    """What an nn.MultiheadAttention becomes once lowered (fxsparse.lower): its q, k and v projections as
+    ``q_proj``, ``k_proj``, ``v_proj`` (nn.Linear), its attention as ``attention`` and its own ``out_proj``. The
+    graph calls each part; this container has no forward of its own."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, attention: DotProductAttention,
+                 out_proj: nn.Linear):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+        self.attention, self.out_proj = attention, out_proj

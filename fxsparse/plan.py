@@ -110,6 +110,7 @@ class Plan:
 
     def check_fits(self, module: torch.nn.Module) -> None:
         """Raise PlanMismatchError naming the first parameter whose name or shape differs from the planned model."""
+        self._check_nothing_pruned_inside_lowered_modules()
         shapes = {n: list(t.shape) for n, t in module.state_dict(keep_vars=True).items()}
         for name, shape in self.shapes_before.items():
             if name not in shapes:
@@ -120,3 +121,14 @@ class Plan:
             if name not in self.shapes_before:
                 raise PlanMismatchError(f"the model has a tensor {name!r} the plan does not know: "
                                         f"the plan was made for another architecture ({self.model or 'unknown'})")
+
+    def _check_nothing_pruned_inside_lowered_modules(self) -> None:
+        """A module the compile lowered (``extra["lowered"]``, see fxsparse.lower) has no counterpart in the model
+        that could take what was pruned inside it: no nn.MultiheadAttention has fewer heads than its width allows."""
+        lowered = self.extra.get("lowered", [])
+        inside = next((name for name in self.kept if any(name.startswith(f"{path}.") for path in lowered)), None)
+        if inside is not None:
+            raise PlanMismatchError(
+                f"the plan prunes {inside!r}, inside an nn.MultiheadAttention that the compile lowered into linear "
+                "and attention ops; no nn.MultiheadAttention can hold that, so this plan fits the compiled module "
+                "only. For a plan that re-applies to the model, compile with lower_modules=False")

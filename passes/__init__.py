@@ -1,5 +1,6 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
 from fxsparse.passes.dependency_groups import DependencyGroups
+from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
 from fxsparse.passes.shape_inference import ShapeInference
@@ -14,4 +15,6 @@ PROVIDERS = {
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
 PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink)}
 
-__all__ = ["ShapeInference", "DependencyGroups", "MaskPropagation", "Prune", "Shrink", "PROVIDERS", "PASSES"]
+__all__ = [
+    "ShapeInference", "DependencyGroups", "LowerModules", "MaskPropagation", "Prune", "Shrink", "PROVIDERS", "PASSES",
+]

@@ -116,15 +116,16 @@ class Prune(Pass):
         return self.ratio
 
     def _original_units(self, ctx: CompileContext, group) -> int:
-        """How many units this group had before the first prune step (steps shrink the model in between)."""
-        if not group.producers:
-            return group.size
-        target, dim = group.producers[0]
-        before = ctx.plan.shapes_before.get(target)
-        now = ctx.facts["groups"].graph.member_shapes.get(target)
-        if before is None or now is None or now[dim] == 0:
-            return group.size
-        return round(group.size * before[dim] / now[dim])
+        """How many units this group had before the first prune step (steps shrink the model in between).
+
+        Read from a member the traced model already had: its producers first, then any other (the q, k and v
+        projections of a lowered nn.MultiheadAttention are made by the compile, its output projection is not)."""
+        shapes = ctx.facts["groups"].graph.member_shapes
+        for target, dim in group.producers + group.members:
+            before, now = ctx.plan.shapes_before.get(target), shapes.get(target)
+            if before is not None and now is not None and now[dim] != 0:
+                return round(group.size * before[dim] / now[dim])
+        return group.size
 
     def _removal_count(self, ctx: CompileContext, group, ratio: float) -> int:
         k, steps = (self.step or 1), self.steps

@@ -19,7 +19,7 @@ from .base import Rule
 from .elementwise import (
     Barrier, Creation, Elementwise, FirstInputOnly, Like, MixesAlongDim, NoTensor, Reduction, Spatial,
 )
-from fxsparse.modules import PaddedConstantCorrection
+from fxsparse.modules import DotProductAttention, PaddedConstantCorrection
 
 from .layers import BorderCorrection, ChannelNorm, Conv, Embedding, GetAttr, LastDimsNorm, Linear, PReLU
 from .shape_ops import (
@@ -148,7 +148,8 @@ MODULE_RULES: list[tuple[type, Rule]] = [
     (nn.Softmax2d, Barrier("softmax over channels")),
     (nn.ChannelShuffle, Barrier("channel shuffle module")),
     (nn.PixelShuffle, Barrier("pixel shuffle moves channels into space")),
-    (nn.MultiheadAttention, Barrier("nn.MultiheadAttention: heads inside it are not pruned")),
+    (DotProductAttention, ScaledDotProductAttention()),
+    (nn.MultiheadAttention, Barrier("nn.MultiheadAttention kept whole (not lowered): heads inside it are not pruned")),
     (nn.Upsample, Spatial(2)),
 ]
 for _k in (1, 2, 3):
