@@ -67,13 +67,39 @@ def removable_units(ctx: CompileContext, module: torch.nn.Module,
     units = analysis.units
     chosen = units[removable]
     conflicts = set(units[per_unit["any_zero"] & ~removable].tolist())
-    blocker: dict[int, str] = {}
+    return chosen, _conflict_rows(conflicts, seen, analysis)
+
+
+def _conflict_rows(conflicts: set[int], seen, analysis) -> list[dict[str, Any]]:
+    """One row per masked unit that stays, naming the first member that still produces it (so it is not zero going
+    forward) and the first that still reads it (so it is not unused going backward)."""
+    owners = _conflict_owners(conflicts, analysis)
+    blockers: dict[str, dict[int, str]] = {"produces": {}, "reads": {}}
     for member, roots, zero in seen:
-        for root in set(roots[~zero].tolist()) & conflicts - set(blocker):
-            blocker[root] = f"{member.target}[{member.dim}]"
-    rows = [{"unit": root, "resolution": "kept", "why": f"masked, but not zero in {blocker.get(root, 'a coupled member')}"}
-            for root in sorted(conflicts)]
-    return chosen, rows
+        for verb, role in (("produces", PRODUCE), ("reads", CONSUME)):
+            if role not in member.roles:
+                continue
+            for component in set(roots[~zero].tolist()) & owners.keys():
+                for unit in owners[component]:
+                    blockers[verb].setdefault(unit, f"{member.target}[{member.dim}] still {verb} it")
+    rows = []
+    for unit in sorted(conflicts):
+        why = " and ".join(b[unit] for b in blockers.values() if unit in b) or "a coupled member is not zero there"
+        rows.append({"unit": unit, "resolution": "kept", "why": f"masked, but {why}"})
+    return rows
+
+
+def _conflict_owners(conflicts: set[int], analysis) -> dict[int, list[int]]:
+    """component -> the conflicting units whose fate it shares: its own, and for a derived component (a head's
+    dimension, a factored label) the units of its factors, as ChannelAnalysis.dependents decides them."""
+    owners: dict[int, list[int]] = {unit: [unit] for unit in conflicts}
+    factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
+    derived = analysis.component[factored].tolist()
+    for column in (0, 1):
+        for component, unit in zip(derived, analysis.component[analysis.factor_of[factored, column]].tolist()):
+            if unit in conflicts and unit not in owners.setdefault(component, []):
+                owners[component].append(unit)
+    return owners
 
 
 def _zero_where(weight: torch.Tensor, dim: int, candidates: torch.Tensor) -> torch.Tensor:
@@ -105,11 +131,16 @@ class MaskPropagation(Pass):
         ctx.facts["removal"] = Removal(units, "masks")
         self._stats = (len(masks), len(units), len(conflicts))
         rows = []
+        where = {}  # unit -> (its group, its index in the group: a channel, or a head)
         for group in ctx.facts["groups"].groups:
             removed = int(torch.isin(group.units, units).sum())
             if removed:
                 rows.append({"group": group.id, "kind": group.kind, "units": group.size, "removable": removed})
-        return rows + conflicts
+            where.update({unit: (group.id, index) for index, unit in enumerate(group.units.tolist())})
+        for row in conflicts:
+            group_id, index = where.get(row["unit"], ("-", row["unit"]))
+            rows.append({"group": group_id, "index": index, "resolution": row["resolution"], "why": row["why"]})
+        return rows
 
     def summary(self, rows: list[dict[str, Any]]) -> str:
         masks, units, conflicts = self._stats
