@@ -163,5 +163,5 @@ class DependencyGroups(Pass):
     def summary(self, rows: list[dict[str, Any]]) -> str:
         facts = self._facts
         kinds = Counter(g.kind for g in facts.groups)
-        text = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no"
-        return f"{len(facts.groups)} prunable groups ({text}); {len(facts.graph.barriers)} barriers"
+        text = f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if kinds else ""
+        return f"{len(facts.groups)} prunable groups{text}; {len(facts.graph.barriers)} barriers"

@@ -138,9 +138,9 @@ class RuleContext:
             self.graph.fix(labels)
 
     def barrier(self, reason: str) -> NodeLabels:
-        """Fix every channel flowing in; the output is opaque. Used for ops without a rule."""
-        for arg in self.tensor_args():
-            self.fix_all(self.labels_of(arg))
+        """Fix every channel flowing in, also inside a node that holds several tensors (a chunk's outputs passed
+        whole); the output is opaque. Used for ops without a rule."""
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: self.fix_all(self.labels_of(n)))
         self.graph.barrier(self.node.name, op_name(self.node), reason)
         return opaque_like(self.node)
 

@@ -159,12 +159,17 @@ class Permute(Rule):
 
 
 # -- joining and cutting ------------------------------------------------------------------------------------------
+SEQUENCE_NODE = "joins the tensors of one node (e.g. torch.stack(x.chunk(2))): not pruned through"
+
+
 class Cat(Rule):
     """cat / concat: labels concatenate along ``dim``; the other dims are tied across inputs."""
 
     name = "cat"
 
     def labels(self, rc: RuleContext) -> NodeLabels:
+        if isinstance(rc.arg(0, "tensors"), fx.Node):
+            return rc.barrier(SEQUENCE_NODE)
         tensors = [t for t in rc.arg(0, "tensors") if rc.shape_of(t) is not None and rc.shape_of(t) != (0,)]
         out_shape = rc.out_shape
         ndim = len(out_shape)
@@ -209,6 +214,8 @@ class Stack(Rule):
     name = "stack"
 
     def labels(self, rc: RuleContext) -> NodeLabels:
+        if isinstance(rc.arg(0, "tensors"), fx.Node):
+            return rc.barrier(SEQUENCE_NODE)
         tensors = list(rc.arg(0, "tensors"))
         out_shape = rc.out_shape
         dim = rc.arg(1, "dim", 0) % len(out_shape)
