@@ -64,8 +64,8 @@ def staged_compile(model, example, masks, frontend: str):
     with clock(times, "trace"):
         traced = trace_module(prepare_model(model), args, kwargs, frontend)
     ctx = CompileContext(traced.module, traced.frontend, args, kwargs)
-    if traced.frontend == "export":
-        ctx.facts["export_values"] = True
+    if traced.shapes:
+        ctx.facts["traced_shapes"] = traced.shapes
     references = []
 
     def verify(ctx: CompileContext, p) -> dict:

@@ -107,8 +107,8 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.frontend = traced.frontend
     ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items()}
     ctx.plan.inputs = describe_inputs(args, kwargs)
-    if traced.frontend == "export":
-        ctx.facts["export_values"] = True
+    if traced.shapes:
+        ctx.facts["traced_shapes"] = traced.shapes
     before = describe(traced.module, args, kwargs)
     lowering, notes = _lowering(traced, lower_modules, inplace)
     manager = PassManager(lowering + pass_list, PROVIDERS, _verifier(tolerance) if verify else None)

@@ -42,7 +42,7 @@ def channel_facts(model: torch.nn.Module, example, frontend: str = "auto", **tra
     from fxsparse.passes.dependency_groups import analyse_channels
 
     traced = trace(model, example, frontend=frontend, **trace_options)
-    if traced.frontend != "export":  # export graphs carry their shapes already
+    if not traced.shapes:  # tracing left no values on the nodes
         propagate_shapes(traced.module, traced.args, traced.kwargs)
     return analyse_channels(traced.module)
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from .errors import BadArgumentError, TraceError
 from .inputs import normalize_example_inputs
+from .shapes import propagate_shapes
 
 FRONTENDS = ("auto", "symbolic", "export")
 
@@ -33,6 +34,7 @@ class Traced:
     args: tuple
     kwargs: dict
     notes: list[str] = field(default_factory=list)
+    shapes: str = ""  # how every node already carries its value ("export", "meta", "fake"), "" if none does
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -120,30 +122,19 @@ def check_signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
-def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -> None:
+def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -> str:
     """BadArgumentError when the traced model cannot run on the example inputs (a wrong shape, dtype...).
 
-    Runs on meta tensors, then fake tensors (no real memory either way); only when both fail is the model run for
-    real, and only if that fails too are the inputs blamed. (Symbolic tracing never runs the model, so without
-    this check wrong inputs would surface later, in the middle of some pass.) ``gm.forward`` is called rather
-    than ``gm`` because GraphModule.__call__ prints a traceback to stderr on every failure.
+    The check is shape inference itself (meta tensors, then fake tensors: no real memory), whose values stay on the
+    nodes for ShapeInference to reuse; only when it fails is the model run for real, and only if that fails too are
+    the inputs blamed. (Symbolic tracing never runs the model, so without this check wrong inputs would surface
+    later, in the middle of some pass.) Returns how the nodes were shaped ("meta" or "fake"), or "" when only the
+    real run worked. ``gm.forward`` is called rather than ``gm`` because GraphModule.__call__ prints a traceback to
+    stderr on every failure.
     """
-    from .metrics import on_meta, to_meta
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     try:
-        with on_meta(gm), torch.no_grad():
-            gm.forward(*to_meta(args), **to_meta(kwargs))
-        return
-    except Exception:  # noqa: BLE001 - some ops have no meta kernel: try fake tensors
-        pass
-    try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        with mode, torch.no_grad():
-            gm.forward(*[fake(a) for a in args], **{k: fake(v) for k, v in kwargs.items()})
-        return
-    except Exception:  # noqa: BLE001 - nor a fake kernel: only a real run can tell
+        return propagate_shapes(gm, args, kwargs)
+    except Exception:  # noqa: BLE001 - some ops have neither a meta nor a fake kernel: only a real run can tell
         pass
     try:
         with torch.no_grad():
@@ -153,6 +144,7 @@ def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -
             f"example_inputs ({_shapes(args, kwargs)}): the traced {name} fails on them with {_first_line(error)}; "
             "check their shapes and dtypes (and, for a symbolic trace, concrete_args for non-tensor arguments)"
         ) from None
+    return ""
 
 
 def prepare_model(model: Any) -> torch.nn.Module:
@@ -181,12 +173,13 @@ def trace_module(
         except Exception as error:  # noqa: BLE001 - any tracing failure is reported, then export is tried
             failures.append(f"symbolic: {_first_line(error)}")
         else:
-            check_inputs_run(gm, type(model).__name__, args, kwargs)
-            return Traced(gm, "symbolic", args, kwargs)
+            shapes = check_inputs_run(gm, type(model).__name__, args, kwargs)
+            return Traced(gm, "symbolic", args, kwargs, shapes=shapes)
     if frontend in ("auto", "export"):
         try:
             gm = _trace_export(model, args, kwargs)
-            return Traced(gm, "export", args, kwargs, notes=[f"fell back to export ({f})" for f in failures])
+            notes = [f"fell back to export ({f})" for f in failures]
+            return Traced(gm, "export", args, kwargs, notes=notes, shapes="export")
         except Exception as error:  # noqa: BLE001
             failures.append(f"export: {_first_line(error)}")
     hint = (

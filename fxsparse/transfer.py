@@ -281,7 +281,8 @@ class _Coupling:
 
         with _eval_mode(model):
             traced = trace_module(model, args, kwargs, frontend)
-        propagate_shapes(traced.module, traced.args, traced.kwargs)
+        if not traced.shapes:
+            propagate_shapes(traced.module, traced.args, traced.kwargs)
         self.module = traced.module
         self.analysis = analyse_channels(traced.module).analysis
         graph = self.analysis.graph

@@ -14,16 +14,15 @@ from fxsparse.context import CompileContext
 from fxsparse.lower import PARTS, lower_modules
 from fxsparse.masks import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
-from fxsparse.shapes import propagate_shapes
 
 
 class LowerModules(Pass):
     name = "LowerModules"
+    requires = ("shapes",)  # the conditions read input ranks and mask dtypes
     rewrites = True
 
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
-        module = copy_sharing_tensors(ctx.module)
-        propagate_shapes(module, ctx.args, ctx.kwargs)  # the conditions read input ranks and mask dtypes
+        module = copy_sharing_tensors(ctx.module)  # node values are copied with the graph
         records = lower_modules(module)
         ctx.module = module
         lowered = [record.module for record in records if record.lowered]

@@ -1,6 +1,7 @@
 """ShapeInference: every node gets a storage-free ``meta['val']`` (see fxsparse.shapes).
 
-Graphs fresh from torch.export already carry fake values and are reused as they are.
+Graphs fresh from tracing already carry values (torch.export's, or those of the symbolic trace's input check,
+see fxsparse.trace) and are reused as they are.
 """
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ class ShapeInference(Pass):
     provides = ("shapes",)
 
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
-        if ctx.facts.get("export_values"):
-            method = "export"  # torch.export left fake values on every node of the graph it just made
-        else:
-            method = propagate_shapes(ctx.module, ctx.args, ctx.kwargs)
+        # Tracing left values on every node (torch.export's own, or the symbolic trace's input check); any
+        # rewrite since then has dropped this fact.
+        method = ctx.facts.get("traced_shapes") or propagate_shapes(ctx.module, ctx.args, ctx.kwargs)
         ctx.facts["shapes"] = method
         tensors = [n for n in ctx.module.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         self._summary = f"{len(tensors)} tensors shaped ({method})"
