@@ -13,10 +13,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxsparseError
 from .graph_utils import placeholder_values
-from .metrics import on_meta, to_meta
+from .meta import on_meta, to_meta
 
 
 _META = torch.device("meta")
@@ -34,13 +35,16 @@ class _MetaPropagator(fx.Interpreter):
     dtypes, so it is computed once per distinct signature and rebuilt from the memo after that.
     """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode | None = None, keep_values: bool = True):
         super().__init__(gm)
         self.memo: dict[Any, Any] = {}
+        self.counter, self.keep_values = counter, keep_values
+        self.unseen_flops = 0  # what memoised calls would have added to the counter
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        n.meta["val"] = result
+        if self.keep_values:
+            n.meta["val"] = result
         return result
 
     def get_attr(self, target, args, kwargs) -> Any:
@@ -59,10 +63,17 @@ class _MetaPropagator(fx.Interpreter):
         key = _signature(target, args, kwargs)
         if key is None:
             return super().call_function(target, args, kwargs)
-        if key not in self.memo:
-            result = super().call_function(target, args, kwargs)
-            self.memo[key] = pytree.tree_map_only(torch.Tensor, _layout, result)
-        return pytree.tree_map_only(_Layout, _rebuild, self.memo[key])
+        if key in self.memo:
+            layouts, flops = self.memo[key]
+            self.unseen_flops += flops
+        else:
+            before = self._flops()
+            layouts = pytree.tree_map_only(torch.Tensor, _layout, super().call_function(target, args, kwargs))
+            self.memo[key] = (layouts, self._flops() - before)
+        return pytree.tree_map_only(_Layout, _rebuild, layouts)
+
+    def _flops(self) -> int:
+        return self.counter.get_total_flops() if self.counter is not None else 0
 
 
 class _Layout(tuple):
@@ -106,12 +117,21 @@ def _per_channel_output(target: str, module: torch.nn.Module, x: torch.Tensor) -
     return torch.empty_like(x)
 
 
+def run_on_meta(gm: fx.GraphModule, args: tuple, kwargs: dict, counter: FlopCounterMode | None = None,
+                keep_values: bool = True) -> int:
+    """Run ``gm`` on meta tensors (see _MetaPropagator), keeping each node's value unless ``keep_values`` is off.
+    Returns the FLOPs of the memoised calls that an active ``counter`` did not see (0 without one)."""
+    propagator = _MetaPropagator(gm, counter, keep_values)
+    with on_meta(gm), torch.no_grad():
+        propagator.run(*to_meta(placeholder_values(gm, args, kwargs)))
+    return propagator.unseen_flops
+
+
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
     """Annotate every node of ``gm`` with a storage-free value; returns the method used ("meta" or "fake")."""
     inputs = placeholder_values(gm, args, kwargs)
     try:
-        with on_meta(gm), torch.no_grad():
-            _MetaPropagator(gm).run(*to_meta(inputs))
+        run_on_meta(gm, args, kwargs)
         return "meta"
     except Exception as meta_error:  # noqa: BLE001 - some ops have no meta kernel; FakeTensor handles more
         mode = FakeTensorMode(allow_non_fake_inputs=True)
