@@ -74,14 +74,18 @@ def _conflict_rows(conflicts: set[int], seen, analysis) -> list[dict[str, Any]]:
     """One row per masked unit that stays, naming the first member that still produces it (so it is not zero going
     forward) and the first that still reads it (so it is not unused going backward)."""
     owners = _conflict_owners(conflicts, analysis)
+    owned = torch.zeros(analysis.n_labels, dtype=torch.bool)
+    owned[list(owners)] = True
     blockers: dict[str, dict[int, str]] = {"produces": {}, "reads": {}}
     for member, roots, zero in seen:
+        alive = roots[~zero]
+        components = set(alive[owned[alive]].tolist())
         for verb, role in (("produces", PRODUCE), ("reads", CONSUME)):
-            if role not in member.roles:
-                continue
-            for component in set(roots[~zero].tolist()) & owners.keys():
-                for unit in owners[component]:
-                    blockers[verb].setdefault(unit, f"{member.target}[{member.dim}] still {verb} it")
+            if role in member.roles and components:
+                text, found = f"{member.target}[{member.dim}] still {verb} it", blockers[verb]
+                for component in components:
+                    for unit in owners[component]:
+                        found.setdefault(unit, text)
     rows = []
     for unit in sorted(conflicts):
         why = " and ".join(b[unit] for b in blockers.values() if unit in b) or "a coupled member is not zero there"
@@ -93,11 +97,17 @@ def _conflict_owners(conflicts: set[int], analysis) -> dict[int, list[int]]:
     """component -> the conflicting units whose fate it shares: its own, and for a derived component (a head's
     dimension, a factored label) the units of its factors, as ChannelAnalysis.dependents decides them."""
     owners: dict[int, list[int]] = {unit: [unit] for unit in conflicts}
+    if not conflicts:
+        return owners
+    conflicting = torch.zeros(analysis.n_labels, dtype=torch.bool)
+    conflicting[list(conflicts)] = True
     factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
-    derived = analysis.component[factored].tolist()
+    derived = analysis.component[factored]
     for column in (0, 1):
-        for component, unit in zip(derived, analysis.component[analysis.factor_of[factored, column]].tolist()):
-            if unit in conflicts and unit not in owners.setdefault(component, []):
+        units = analysis.component[analysis.factor_of[factored, column]]
+        hit = conflicting[units]
+        for component, unit in zip(derived[hit].tolist(), units[hit].tolist()):
+            if unit not in owners.setdefault(component, []):
                 owners[component].append(unit)
     return owners
 
@@ -130,13 +140,18 @@ class MaskPropagation(Pass):
         units, conflicts = removable_units(ctx, ctx.module, masks)
         ctx.facts["removal"] = Removal(units, "masks")
         self._stats = (len(masks), len(units), len(conflicts))
+        n_labels = ctx.facts["groups"].analysis.n_labels
+        removable, conflicting = torch.zeros(n_labels, dtype=torch.bool), torch.zeros(n_labels, dtype=torch.bool)
+        removable[units] = True
+        conflicting[[row["unit"] for row in conflicts]] = True
         rows = []
-        where = {}  # unit -> (its group, its index in the group: a channel, or a head)
+        where = {}  # conflicting unit -> (its group, its index in the group: a channel, or a head)
         for group in ctx.facts["groups"].groups:
-            removed = int(torch.isin(group.units, units).sum())
+            removed = int(removable[group.units].sum())
             if removed:
                 rows.append({"group": group.id, "kind": group.kind, "units": group.size, "removable": removed})
-            where.update({unit: (group.id, index) for index, unit in enumerate(group.units.tolist())})
+            for index in torch.nonzero(conflicting[group.units]).flatten().tolist():
+                where[int(group.units[index])] = (group.id, index)
         for row in conflicts:
             group_id, index = where.get(row["unit"], ("-", row["unit"]))
             rows.append({"group": group_id, "index": index, "resolution": row["resolution"], "why": row["why"]})

@@ -244,9 +244,11 @@ class Shrink(Pass):
         ctx.plan.folds.extend(fold_records)
         ctx.reference = masked
         ctx.module = new
+        gone_flag = torch.zeros(analysis.n_labels, dtype=torch.bool)
+        gone_flag[removed] = True
         rows = []
         for group in facts.groups:
-            gone = int(torch.isin(group.units, removed).sum())
+            gone = int(gone_flag[group.units].sum())
             if gone:
                 rows.append({"group": group.id, "kind": group.kind, "units": group.size, "removed": gone,
                              "kept": group.size - gone})
