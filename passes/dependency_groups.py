@@ -17,7 +17,7 @@ from fxsparse.channels import PRODUCE, ChannelAnalysis, ChannelGraph
 from fxsparse.context import CompileContext
 from fxsparse.pass_manager import Pass
 from fxsparse.rules import rule_for
-from fxsparse.rules.base import RuleContext, _flat_labels, op_name, opaque_like
+from fxsparse.rules.base import RuleContext, _flat_labels, opaque_like
 
 
 @dataclass

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import Einsum, MatMul, ScaledDotProductAttention
 from .base import Rule

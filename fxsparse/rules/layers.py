@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from fxsparse.channels import CONSUME, FOLLOW, PRODUCE, SCALE
 
-from .base import NodeLabels, RewriteContext, Rule, RuleContext, opaque_like
+from .base import NodeLabels, RewriteContext, Rule, RuleContext
 
 
 @dataclass
