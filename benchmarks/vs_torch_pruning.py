@@ -31,8 +31,8 @@ The columns:
 
 - ok: the tool returned, and the pruned model runs on the example input and gives the original's output shape (the
   main output: logits, or the last hidden state). Otherwise, the reason.
-- params, MACs: after pruning, with the share of the original in brackets. Params is the sum of ``numel``. MACs
-  comes from ``fxsparse.metrics.count_macs`` for both tools, so the two counts can be compared.
+- params, MACs: after pruning, with the share of the original in brackets, counted for both tools by
+  ``fxsparse.metrics.count_parameters`` and ``count_macs``, so the counts can be compared.
 - prune s: wall time of ``fxsparse.compile``. For Torch-Pruning, the dependency graph build, pruner construction,
   ``step()`` and the attribute fixes. One run of each, after both tools have warmed up on a tiny model, so that the
   first model does not pay for imports and torch.export's first call. For a failure: the time until it failed.
@@ -86,7 +86,7 @@ from shrink_common import latency  # noqa: E402
 
 import fxsparse  # noqa: E402
 from fxsparse import passes  # noqa: E402
-from fxsparse.metrics import count_macs  # noqa: E402
+from fxsparse.metrics import count_macs, count_parameters  # noqa: E402
 from fxsparse.models import build as build_builtin  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -357,7 +357,7 @@ def measure(case: Case, tool: str, original: Result, settings: argparse.Namespac
     if shape != original.shape:
         return Result(case.name, tool, error=f"output shape {shape}, not {original.shape}", seconds=seconds,
                       peak_rss_gib=peak)
-    return Result(case.name, tool, params=sum(p.numel() for p in pruned.parameters()),
+    return Result(case.name, tool, params=count_parameters(pruned),
                   macs=count_macs(pruned, case.args, case.kwargs), seconds=seconds, shape=shape,
                   latency=latency(pruned, case.args, case.kwargs, settings.latency_repeats), peak_rss_gib=peak)
 
@@ -365,7 +365,7 @@ def measure(case: Case, tool: str, original: Result, settings: argparse.Namespac
 def measure_original(case: Case, settings: argparse.Namespace) -> Result:
     with torch.no_grad():
         shape = tuple(main_output(case.model(*case.args, **case.kwargs)).shape)
-    return Result(case.name, "original", params=sum(p.numel() for p in case.model.parameters()),
+    return Result(case.name, "original", params=count_parameters(case.model),
                   macs=count_macs(case.model, case.args, case.kwargs), shape=shape,
                   latency=latency(case.model, case.args, case.kwargs, settings.latency_repeats))
 

@@ -276,6 +276,12 @@ class ChannelAnalysis:
                 flag.scatter_reduce_(0, roots, derived_flag, reduce="amax")
         return flag[self.units]
 
+    def flag(self, labels) -> torch.Tensor:
+        """A bool per label, True at ``labels`` (label or unit ids): for counting a set's members by index."""
+        flags = torch.zeros(self.n_labels, dtype=torch.bool)
+        flags[labels] = True
+        return flags
+
     def keep_labels(self, removed_units: torch.Tensor) -> torch.Tensor:
         """A bool per label: does it survive when the units (component roots) in ``removed_units`` are removed?"""
         comp = self.component

@@ -129,13 +129,13 @@ def run_on_meta(gm: fx.GraphModule, args: tuple, kwargs: dict, counter: FlopCoun
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
     """Annotate every node of ``gm`` with a storage-free value; returns the method used ("meta" or "fake")."""
-    inputs = placeholder_values(gm, args, kwargs)
     try:
         run_on_meta(gm, args, kwargs)
         return "meta"
     except Exception as meta_error:  # noqa: BLE001 - some ops have no meta kernel; FakeTensor handles more
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = [mode.from_tensor(i) if isinstance(i, torch.Tensor) else i for i in inputs]
+        fake_inputs = [mode.from_tensor(i) if isinstance(i, torch.Tensor) else i
+                       for i in placeholder_values(gm, args, kwargs)]
         try:
             with torch.no_grad():
                 FakeTensorProp(gm, mode).propagate(*fake_inputs)

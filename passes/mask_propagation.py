@@ -66,16 +66,17 @@ def removable_units(ctx: CompileContext, module: torch.nn.Module,
     removable = forward | backward
     units = analysis.units
     chosen = units[removable]
-    conflicts = set(units[per_unit["any_zero"] & ~removable].tolist())
-    return chosen, _conflict_rows(conflicts, seen, analysis)
+    conflicts = units[per_unit["any_zero"] & ~removable]
+    return chosen, _conflict_rows(conflicts, seen, analysis, facts.groups)
 
 
-def _conflict_rows(conflicts: set[int], seen, analysis) -> list[dict[str, Any]]:
-    """One row per masked unit that stays, naming the first member that still produces it (so it is not zero going
-    forward) and the first that still reads it (so it is not unused going backward)."""
-    owners = _conflict_owners(conflicts, analysis)
-    owned = torch.zeros(analysis.n_labels, dtype=torch.bool)
-    owned[list(owners)] = True
+def _conflict_rows(conflicts: torch.Tensor, seen, analysis, groups) -> list[dict[str, Any]]:
+    """One row per masked unit that stays: its group and index there (a channel, or a head), the first member that
+    still produces it (so it is not zero going forward) and the first that still reads it (so it is not unused
+    going backward)."""
+    conflicting, ordered = analysis.flag(conflicts), sorted(conflicts.tolist())
+    owners = _conflict_owners(ordered, conflicting, analysis)
+    owned = analysis.flag(list(owners))
     blockers: dict[str, dict[int, str]] = {"produces": {}, "reads": {}}
     for member, roots, zero in seen:
         alive = roots[~zero]
@@ -86,21 +87,24 @@ def _conflict_rows(conflicts: set[int], seen, analysis) -> list[dict[str, Any]]:
                 for component in components:
                     for unit in owners[component]:
                         found.setdefault(unit, text)
+    where = {}  # conflicting unit -> (its group, its index in the group)
+    for group in groups:
+        for index in torch.nonzero(conflicting[group.units]).flatten().tolist():
+            where[int(group.units[index])] = (group.id, index)
     rows = []
-    for unit in sorted(conflicts):
+    for unit in ordered:
+        group_id, index = where.get(unit, ("-", unit))
         why = " and ".join(b[unit] for b in blockers.values() if unit in b) or "a coupled member is not zero there"
-        rows.append({"unit": unit, "resolution": "kept", "why": f"masked, but {why}"})
+        rows.append({"group": group_id, "index": index, "resolution": "kept", "why": f"masked, but {why}"})
     return rows
 
 
-def _conflict_owners(conflicts: set[int], analysis) -> dict[int, list[int]]:
+def _conflict_owners(conflicts: list[int], conflicting: torch.Tensor, analysis) -> dict[int, list[int]]:
     """component -> the conflicting units whose fate it shares: its own, and for a derived component (a head's
     dimension, a factored label) the units of its factors, as ChannelAnalysis.dependents decides them."""
     owners: dict[int, list[int]] = {unit: [unit] for unit in conflicts}
     if not conflicts:
         return owners
-    conflicting = torch.zeros(analysis.n_labels, dtype=torch.bool)
-    conflicting[list(conflicts)] = True
     factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
     derived = analysis.component[factored]
     for column in (0, 1):
@@ -140,22 +144,13 @@ class MaskPropagation(Pass):
         units, conflicts = removable_units(ctx, ctx.module, masks)
         ctx.facts["removal"] = Removal(units, "masks")
         self._stats = (len(masks), len(units), len(conflicts))
-        n_labels = ctx.facts["groups"].analysis.n_labels
-        removable, conflicting = torch.zeros(n_labels, dtype=torch.bool), torch.zeros(n_labels, dtype=torch.bool)
-        removable[units] = True
-        conflicting[[row["unit"] for row in conflicts]] = True
+        removable = ctx.facts["groups"].analysis.flag(units)
         rows = []
-        where = {}  # conflicting unit -> (its group, its index in the group: a channel, or a head)
         for group in ctx.facts["groups"].groups:
             removed = int(removable[group.units].sum())
             if removed:
                 rows.append({"group": group.id, "kind": group.kind, "units": group.size, "removable": removed})
-            for index in torch.nonzero(conflicting[group.units]).flatten().tolist():
-                where[int(group.units[index])] = (group.id, index)
-        for row in conflicts:
-            group_id, index = where.get(row["unit"], ("-", row["unit"]))
-            rows.append({"group": group_id, "index": index, "resolution": row["resolution"], "why": row["why"]})
-        return rows
+        return rows + conflicts
 
     def summary(self, rows: list[dict[str, Any]]) -> str:
         masks, units, conflicts = self._stats

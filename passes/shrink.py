@@ -244,8 +244,7 @@ class Shrink(Pass):
         ctx.plan.folds.extend(fold_records)
         ctx.reference = masked
         ctx.module = new
-        gone_flag = torch.zeros(analysis.n_labels, dtype=torch.bool)
-        gone_flag[removed] = True
+        gone_flag = analysis.flag(removed)
         rows = []
         for group in facts.groups:
             gone = int(gone_flag[group.units].sum())
