@@ -8,6 +8,7 @@ from .errors import (  # noqa: E402
     BadArgumentError,
     FxsparseError,
     MaskError,
+    MissingDependencyError,
     PassOrderError,
     PlanMismatchError,
     TraceError,
@@ -22,5 +23,5 @@ from . import passes  # noqa: E402  (the top-level passes/ folder, installed as 
 __all__ = [
     "compile", "prune", "apply_plan", "load", "trace", "load_big_into_small", "passes", "Plan", "Traced",
     "CompileResult", "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError",
-    "MaskError", "PlanMismatchError", "VerificationError",
+    "MaskError", "MissingDependencyError", "PlanMismatchError", "VerificationError",
 ]

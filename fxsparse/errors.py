@@ -34,3 +34,7 @@ class PlanMismatchError(FxsparseError):
 
 class VerificationError(FxsparseError):
     """A rewritten model does not compute what the model before the rewrite computed."""
+
+
+class MissingDependencyError(FxsparseError, ImportError):
+    """An optional dependency a feature needs is not installed (the message says which extra to install)."""

@@ -12,6 +12,7 @@ and the compressed size is what the model really holds.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,10 +34,10 @@ _LIBRARY.define(
 def _sparse_weight(values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, size: list[int],
                    layout: str) -> torch.Tensor:
     if layout == "coo":
-        return torch.sparse_coo_tensor(indices, values, size, is_coalesced=True)
+        return torch.sparse_coo_tensor(indices, values, size, is_coalesced=True, check_invariants=False)
     if layout == "csr":
-        return torch.sparse_csr_tensor(offsets, indices, values, size)
-    return torch.sparse_bsr_tensor(offsets, indices, values, size)
+        return torch.sparse_csr_tensor(offsets, indices, values, size, check_invariants=False)
+    return torch.sparse_bsr_tensor(offsets, indices, values, size, check_invariants=False)
 
 
 def _sparse_linear(input: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
@@ -98,7 +99,9 @@ class SparseFormat:
         if self.layout == "coo":
             sparse = weight.to_sparse().coalesce()
             return sparse.values().clone(), sparse.indices().clone(), torch.zeros(0, dtype=torch.long)
-        sparse = weight.to_sparse_csr() if self.layout == "csr" else weight.to_sparse_bsr(self.block)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": the kernels used here are stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sparse = weight.to_sparse_csr() if self.layout == "csr" else weight.to_sparse_bsr(self.block)
         return sparse.values().clone(), sparse.col_indices().clone(), sparse.crow_indices().clone()
 
 

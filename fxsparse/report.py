@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
@@ -105,6 +106,18 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=str)
+
+    def plot_sparsity(self, path: str | Path) -> Path:
+        """A PNG of the sparsity of every layer the passes report on (matplotlib: ``fxsparse[plot]``)."""
+        from .plots import plot_sparsity
+
+        return plot_sparsity(self, path, title=f"{self.model}: sparsity per layer")
+
+    def plot_latency(self, path: str | Path) -> Path:
+        """A PNG of each timed layer's dense and best sparse latency against its sparsity (SparseKernels)."""
+        from .plots import plot_latency
+
+        return plot_latency(self, path, title=f"{self.model}: layer latency against sparsity")
 
 
 def _verification_cell(record: PassRecord) -> str:
