@@ -10,12 +10,14 @@ lists every layer: its sparsity, every format tried with its time (or why it was
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm import tqdm
 
 from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError
@@ -30,6 +32,8 @@ EXACT = 1e-5  # a rewritten layer's largest relative difference from the dense o
 GIVE_UP = 5.0  # a candidate whose first call is this many times slower than dense is not timed further
 _ATEN_LINEAR = torch.ops.aten.linear.default
 _ATEN_CONV2D = torch.ops.aten.conv2d.default
+
+log = logging.getLogger("fxsparse")
 
 
 @dataclass
@@ -150,8 +154,9 @@ class SparseKernels(Pass):
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
         module = copy_sharing_tensors(ctx.module)
         rows, chosen = [], []
-        for layer in find_layers(module):
+        for layer in tqdm(find_layers(module), desc="SparseKernels", unit="layer", disable=None, leave=False):
             row, replacement = self._decide(layer)
+            log.info("SparseKernels: %s: %s (%s)", layer.name, row["choice"], row["why"])
             rows.append(row)
             if replacement is not None:
                 _replace(module, layer, replacement)
