@@ -186,10 +186,11 @@ def median_seconds(layer: str, fmt: str, fn: Callable[[], object], limit: float 
                    max_seconds: float = 1.0) -> float:
     """The median time of one call of ``fn`` on this machine, with the threads torch runs on now.
 
-    One warm-up call first; if it alone takes longer than ``limit`` (a candidate already far slower than the
-    layer it would replace) that time is returned, so a hopeless format costs one call. Otherwise torch's
-    ``Timer.adaptive_autorange`` repeats blocks of calls until their spread is under 10% of the median, or for at
-    most ``max_seconds``. (``layer`` and ``fmt`` are unused here; injected timers use them.)
+    One call first, timed on its own: if it takes longer than ``limit`` (a candidate already far slower than the
+    layer it would replace), that time is returned, so a hopeless format costs one call. Otherwise torch's
+    ``Timer.adaptive_autorange`` (which warms up while it sizes its blocks) repeats blocks of calls until their
+    spread is under 10% of the median, or for at most ``max_seconds``. (``layer`` and ``fmt`` are unused here;
+    injected timers use them.)
     """
     start = time.perf_counter()
     fn()
