@@ -13,8 +13,9 @@ and 32 tokens). For each sparsity (50%, 80%, 90%) and pattern, the MLP / attenti
 then ``passes.SparseKernels`` times every such layer at the model's input shape and moves it onto a sparse kernel
 only where measured faster. The structured alternative at the same parameter count is ``Prune(ratio=s)`` +
 ``Shrink`` (whole MLP channels and attention heads removed). Every model's latency (median, torch.utils.benchmark)
-is measured in this process against the dense model's, at batch 1 and 32, with ``--threads`` threads; the table
-gives the ratios, and a PNG plots latency against sparsity. On a shared CPU the numbers are noisy.
+is measured in this process in turns with the dense model's (``--rounds`` rounds, the best of each kept), at batch 1
+and 32, with ``--threads`` threads; the table gives the ratios, and a PNG plots latency against sparsity. On a
+shared CPU the numbers are noisy: compare a row's ratios, measured together, rather than rows.
 """
 from __future__ import annotations
 
@@ -95,44 +96,53 @@ def kept_fraction(module: nn.Module, model: nn.Module) -> float:
     return sum(state[n].numel() for n in names) / sum(model.get_parameter(n).numel() for n in names)
 
 
-def model_latency(module: nn.Module, args: tuple, kwargs: dict, max_seconds: float) -> float:
+def latencies(modules: dict[str, nn.Module], args: tuple, kwargs: dict, max_seconds: float,
+              rounds: int) -> dict[str, float]:
+    """Milliseconds per forward of each module: the median of a timing (fxsparse.kernels.median_seconds), taken in
+    turns, module after module, for ``rounds`` rounds, and the smallest of a module's rounds kept. Every variant is
+    compared with the dense model measured in the same rounds, so a burst of load on a shared machine hits all alike,
+    and is dropped where it hit only one round."""
+    best = {name: float("inf") for name in modules}
     with torch.no_grad():
-        return median_seconds("model", "model", lambda: module(*args, **kwargs), max_seconds=max_seconds)
+        for _ in range(rounds):
+            for name, module in modules.items():
+                seconds = median_seconds(name, "model", lambda: module(*args, **kwargs), max_seconds=max_seconds)
+                best[name] = min(best[name], seconds)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(name: str, build, batch: int, sparsities, max_seconds: float) -> tuple[list[list], list[dict]]:
+def run(name: str, build, batch: int, sparsities, max_seconds: float, rounds: int) -> tuple[list[list], list[dict]]:
     model, args, kwargs, frontend = build(batch)
     example = kwargs if kwargs else args
-    log(f"{name} batch {batch}: dense")
-    dense_ms = model_latency(model, args, kwargs, max_seconds) * 1e3
-    rows, points = [], [{"series": f"{name} b{batch} dense", "sparsity": s, "ms": dense_ms} for s in (0,) + sparsities]
+    rows, points = [], []
     for sparsity in sparsities:
         log(f"{name} batch {batch}: Prune({sparsity}) + Shrink")
         structured = fxsparse.compile(model, example, passes=[Prune(ratio=sparsity), Shrink()], frontend=frontend)
-        structured_ms = model_latency(structured.module, args, kwargs, max_seconds) * 1e3
-        structured_kept = kept_fraction(structured.module, model)
-        points.append({"series": f"{name} b{batch} structured", "sparsity": sparsity, "ms": structured_ms})
+        variants, decisions = {"dense": model, "structured": structured.module}, {}
         for pattern in PATTERNS:
             log(f"{name} batch {batch}: {pattern} {sparsity:.0%}, SparseKernels")
-            sparse_model = sparsify(model, sparsity, pattern)
             start = time.perf_counter()
-            result = fxsparse.compile(sparse_model, example, frontend=frontend,
+            result = fxsparse.compile(sparsify(model, sparsity, pattern), example, frontend=frontend,
                                       passes=[SparseKernels(max_seconds=max_seconds)])
-            decide_s = time.perf_counter() - start
             timed = result.report.pass_record("SparseKernels").rows
-            chosen = [r["choice"] for r in timed if r["choice"] != "dense"]
-            sparse_ms = model_latency(result.module, args, kwargs, max_seconds) * 1e3
-            points.append({"series": f"{name} b{batch} {pattern} + SparseKernels", "sparsity": sparsity,
-                           "ms": sparse_ms})
+            variants[pattern] = result.module
+            decisions[pattern] = ([r["choice"] for r in timed if r["choice"] != "dense"], len(timed),
+                                  time.perf_counter() - start)
+        log(f"{name} batch {batch}: latency at {sparsity:.0%}, {rounds} rounds")
+        ms = latencies(variants, args, kwargs, max_seconds, rounds)
+        for series in variants:
+            points.append({"series": f"{name} b{batch} {series}", "sparsity": sparsity, "ms": ms[series]})
+        for pattern in PATTERNS:
+            chosen, count, decide_s = decisions[pattern]
             formats = ", ".join(f"{f} x{chosen.count(f)}" for f in sorted(set(chosen))) or "-"
-            rows.append([name, batch, pattern, f"{sparsity:.0%}", f"{len(chosen)}/{len(timed)}", formats,
-                         f"{dense_ms:.2f}", f"{sparse_ms:.2f}", f"{sparse_ms / dense_ms:.2f}x",
-                         f"{structured_ms:.2f}", f"{structured_ms / dense_ms:.2f}x",
-                         f"{structured_kept:.2f}", f"{decide_s:.0f}"])
+            rows.append([name, batch, pattern, f"{sparsity:.0%}", f"{len(chosen)}/{count}", formats,
+                         f"{ms['dense']:.2f}", f"{ms[pattern]:.2f}", f"{ms[pattern] / ms['dense']:.2f}x",
+                         f"{ms['structured']:.2f}", f"{ms['structured'] / ms['dense']:.2f}x",
+                         f"{kept_fraction(structured.module, model):.2f}", f"{decide_s:.0f}"])
     return rows, points
 
 
@@ -147,6 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--max-seconds", type=float, default=None, help="longest one timing may take")
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds (each variant timed once a round)")
     parser.add_argument("--png", default="sparse_kernels.png")
     options = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -162,7 +173,7 @@ def main(argv=None) -> None:
     for key in options.models.split(","):
         name = chosen[key.strip()]
         for batch in (int(b) for b in options.batches.split(",")):
-            more_rows, more_points = run(name, builds[name], batch, SPARSITIES, max_seconds)
+            more_rows, more_points = run(name, builds[name], batch, SPARSITIES, max_seconds, options.rounds)
             rows += more_rows
             points += more_points
     print(f"threads: {options.threads}; {'quick: ' if quick else ''}"
