@@ -36,6 +36,8 @@ from fxsparse.passes import Prune, Shrink, SparseKernels
 SPARSITIES = (0.5, 0.8, 0.9)
 PATTERNS = ("unstructured", "block")
 BLOCK = 16
+SERIES = {"dense": "dense", "structured": "Prune + Shrink", "unstructured": "unstructured + SparseKernels",
+          "block": f"{BLOCK}x{BLOCK} blocks + SparseKernels"}
 
 
 class MLPBlock(nn.Module):
@@ -135,7 +137,7 @@ def run(name: str, build, batch: int, sparsities, max_seconds: float, rounds: in
         log(f"{name} batch {batch}: latency at {sparsity:.0%}, {rounds} rounds")
         ms = latencies(variants, args, kwargs, max_seconds, rounds)
         for series in variants:
-            points.append({"series": f"{name} b{batch} {series}", "sparsity": sparsity, "ms": ms[series]})
+            points.append({"series": f"{name} b{batch} {SERIES[series]}", "sparsity": sparsity, "ms": ms[series]})
         for pattern in PATTERNS:
             chosen, count, decide_s = decisions[pattern]
             formats = ", ".join(f"{f} x{chosen.count(f)}" for f in sorted(set(chosen))) or "-"
