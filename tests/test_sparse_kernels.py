@@ -195,6 +195,21 @@ def test_torchvision_resnet_1x1_convs(one_thread):
     assert relative_error(model, result.module, x) <= EXACT
 
 
+@pytest.mark.parametrize("frontend", ["symbolic", "export"])
+def test_small_cnn_1x1_convs_both_frontends(frontend, one_thread):
+    torch.manual_seed(0)
+    model = zero_unstructured(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1, stride=2),
+        nn.Conv2d(32, 8, 3)).eval(), 0.8, kinds=(nn.Conv2d,))
+    x = torch.randn(2, 3, 9, 9)
+    result = fxsparse.compile(model, x, passes=[SparseKernels(timer=timer_preferring("csr"))], frontend=frontend)
+    rows = rows_of(result)
+    assert [(r["kind"], r["choice"], r["tokens"]) for r in rows] == [("conv1x1", "csr", 2 * 9 * 9),
+                                                                     ("conv1x1", "csr", 2 * 5 * 5)]
+    assert sum(isinstance(m, SparseConv1x1) for m in result.module.modules()) == 2
+    assert relative_error(model, result.module, x) <= EXACT
+
+
 def test_tied_weights_stay_dense(one_thread):
     class Tied(nn.Module):
         def __init__(self):
