@@ -5,7 +5,8 @@
 
 Two models with random weights: a stack of transformer MLP blocks (768 -> 3072 -> 768, GELU, pre-LayerNorm,
 residual; one token per sample) and Hugging Face BERT-base (export frontend; ``--quick`` keeps 2 of its 12 layers
-and 32 tokens). The dense baseline is the model traced like the others. For each sparsity (50%, 80%, 90%) and pattern, the MLP / attention Linear weights are zeroed:
+and 32 tokens). The dense baseline is the model traced like the others. For each sparsity (50%, 80%, 90%) and
+pattern, the MLP / attention Linear weights are zeroed:
 
 - unstructured: the smallest magnitudes of each weight;
 - block: the 16x16 tiles of smallest L2 norm of each weight;
