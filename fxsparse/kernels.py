@@ -141,7 +141,8 @@ class SparseLinear(nn.Module):
         return _sparse_weight(self.values, self.indices, self.offsets, self.size, self.layout).to_dense()
 
     def extra_repr(self) -> str:
-        return f"out_features={self.size[0]}, in_features={self.size[1]}, format={self.format}, nnz={self.values.numel()}"
+        return (f"out_features={self.size[0]}, in_features={self.size[1]}, format={self.format}, "
+                f"nnz={self.values.numel()}")
 
 
 class SparseConv1x1(SparseLinear):
