@@ -1,6 +1,8 @@
 """The public entry points: compile, load."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from .plan import Plan
 from .report import Report
 from .serialize import PLAN_FILE, REPORT_FILE, load_module, save_module
 from .trace import Traced, prepare_model, trace_module
-from .verify import verify_equivalent
+from .graph_utils import iter_tensors
+from .verify import check_tolerance, verify_equivalent
 
 log = logging.getLogger("fxsparse")
 
@@ -42,26 +45,40 @@ class CompileResult:
         return path
 
 
-def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
-    """Pass objects from what the user wrote: instances, or names of passes with default settings."""
-    from fxsparse.passes import PASSES
+def resolve_passes(passes: Any) -> list[Pass]:
+    """Pass objects from what the user wrote: instances, pass classes that need no arguments, or names of passes
+    (``"Prune"`` or ``"prune"``) with default settings."""
+    from fxsparse.passes import pass_class
 
+    if isinstance(passes, (str, Pass)) or not isinstance(passes, (list, tuple)):
+        raise BadArgumentError(f"passes must be a list of passes or pass names, e.g. ['prune', 'shrink'], "
+                               f"not {type(passes).__name__}")
     resolved: list[Pass] = []
     for index, p in enumerate(passes):
         if isinstance(p, Pass):
             resolved.append(p)
         elif isinstance(p, str):
-            if p not in PASSES:
-                raise BadArgumentError(f"passes[{index}]: unknown pass {p!r}; known passes: {sorted(PASSES)}")
-            resolved.append(PASSES[p]())
+            resolved.append(_build_pass(pass_class(p, f"passes[{index}]"), index))
         elif isinstance(p, type) and issubclass(p, Pass):
-            resolved.append(p())
+            resolved.append(_build_pass(p, index))
         else:
             raise BadArgumentError(f"passes[{index}] is {p!r}: give a pass object or a pass name")
     return resolved
 
 
-def _verifier(tolerance: float | None):
+def _build_pass(cls: type[Pass], index: int) -> Pass:
+    """``cls()``, or a BadArgumentError naming the arguments it cannot do without."""
+    required = [name for name, parameter in inspect.signature(cls).parameters.items()
+                if parameter.default is parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL,
+                                                                                      parameter.VAR_KEYWORD)]
+    if required:
+        arguments = ", ".join(f"{name}=..." for name in required)
+        raise BadArgumentError(f"passes[{index}] is the class {cls.__name__}, which needs {', '.join(required)}: "
+                               f"give an instance, {cls.__name__}({arguments})")
+    return cls()
+
+
+def _verifier(tolerance: float | str | None):
     def verify(ctx: CompileContext, p: Pass) -> dict[str, Any]:
         return verify_equivalent(ctx.reference, ctx.module, ctx.args, ctx.kwargs, tolerance=tolerance, what=p.name)
 
@@ -76,7 +93,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     example_kwargs: dict | None = None,
     frontend: str = "auto",
     verify: bool = True,
-    tolerance: float | None = 1e-4,
+    tolerance: float | str | None = "auto",
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict | None = None,
     inplace: bool = False,
@@ -86,8 +103,9 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
 
     Every pass that rewrites the model is followed, when ``verify`` is on, by a comparison of the rewritten module
     with its reference on random inputs shaped like ``example_inputs``; a relative difference above ``tolerance``
-    raises :class:`~fxsparse.errors.VerificationError`. The user's model is never modified, unless ``inplace``:
-    then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
+    raises :class:`~fxsparse.errors.VerificationError` (``"auto"``: 1e-4, or what the output dtype's precision
+    allows for float16 and bfloat16 models, see :func:`fxsparse.verify.tolerance_for`). The user's model is never
+    modified, unless ``inplace``: then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
     names, so its training loop, ``generate()`` and ``save_pretrained()`` keep working); if that fails the model
     is left as it was.
 
@@ -99,7 +117,9 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     from fxsparse.passes import PROVIDERS
 
     pass_list = resolve_passes(passes)
+    check_tolerance(tolerance)
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
+    _check_values_available(model, args, kwargs, pass_list)
     prepared = prepare_model(model)
     traced = trace_module(prepared, args, kwargs, frontend, leaf_modules, concrete_args)
     ctx = CompileContext(traced.module, traced.frontend, args, kwargs, verify=verify)
@@ -122,6 +142,23 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     if inplace:
         apply_result(model, result.module, result.plan, args, kwargs, tolerance)
     return result
+
+
+def _check_values_available(model: Any, args: tuple, kwargs: dict, pass_list: list[Pass]) -> None:
+    """A BadArgumentError when a pass must read values the meta device does not hold (analyses need only shapes)."""
+    wanting = [p.name for p in pass_list if p.needs_values or p.rewrites]
+    if not wanting:
+        return
+    if any(t.device.type == "meta" for t in iter_tensors((args, kwargs))):
+        where = "example_inputs are"
+    elif isinstance(model, torch.nn.Module) and any(t.device.type == "meta"
+                                                    for t in (*model.parameters(), *model.buffers())):
+        where = "the model's parameters are"
+    else:
+        return
+    raise BadArgumentError(f"{where} on the meta device, which holds shapes but no values: {', '.join(wanting)} "
+                           "must read values; build the model on a real device (shape inference and "
+                           "dependency_groups run on meta)")
 
 
 def _lowering(traced: Traced, lower_modules: bool, inplace: bool) -> tuple[list[Pass], list[str]]:
@@ -149,6 +186,16 @@ def prune(model: torch.nn.Module, example_inputs: Any = None, keep: float = 0.8,
     if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise BadArgumentError(f"keep must be a fraction in (0, 1], got {keep!r}")
     compile_options = {k: options.pop(k) for k in list(options) if k in _COMPILE_OPTIONS}
+    prune_options = [name for name in inspect.signature(Prune).parameters if name not in ("ratio", "step")]
+    for name in options:
+        if name == "ratio":
+            raise BadArgumentError("fxsparse.prune() takes keep, the fraction of channels kept (keep = 1 - ratio), "
+                                   "not ratio")
+        if name not in prune_options:
+            close = difflib.get_close_matches(name, [*prune_options, *_COMPILE_OPTIONS], n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise BadArgumentError(f"fxsparse.prune() got an unknown option {name!r}; {hint}it takes keep, "
+                                   f"{', '.join(prune_options)} and compile's {', '.join(_COMPILE_OPTIONS)}")
     return compile(model, example_inputs, [Prune(ratio=1.0 - keep, **options), Shrink()], **compile_options)
 
 

@@ -115,13 +115,10 @@ def load_model_spec(spec: str) -> tuple[torch.nn.Module, Any]:
 
 
 def parse_passes(text: str) -> list[str]:
-    from fxsparse.passes import PASSES
+    """``"prune,Shrink"`` -> ``["Prune", "Shrink"]``: the registered names of the passes listed."""
+    from fxsparse.passes import pass_class
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        if name not in PASSES:
-            raise BadArgumentError(f"--passes: unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
-    return names
+    return [pass_class(name.strip(), "--passes").name for name in text.split(",") if name.strip()]
 
 
 def parse_pass_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -129,12 +126,15 @@ def parse_pass_options(items: Sequence[str], names: Sequence[str]) -> dict[str, 
 
     A value is read as a Python literal (numbers, True, lists, dicts) when it is one, else kept as a string.
     """
+    from fxsparse.passes import pass_class
+
     options: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         pass_name, dot, option = key.partition(".")
         if not sep or not dot or not option:
             raise BadArgumentError(f"--option {item!r}: write it as PASS.OPTION=VALUE, e.g. Prune.ratio=0.3")
+        pass_name = pass_class(pass_name, f"--option {item!r}").name
         if pass_name not in names:
             raise BadArgumentError(f"--option {item!r}: pass {pass_name!r} is not in --passes ({', '.join(names)})")
         try:
