@@ -125,7 +125,8 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx = CompileContext(traced.module, traced.frontend, args, kwargs, verify=verify)
     ctx.plan.model = type(model).__name__
     ctx.plan.frontend = traced.frontend
-    ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items()}
+    own = set(model.state_dict())  # not the tensors tracing makes (torch.tensor(2.0) in a forward)
+    ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items() if n in own}
     ctx.plan.inputs = describe_inputs(args, kwargs)
     if traced.shapes:
         ctx.facts["traced_shapes"] = traced.shapes
@@ -135,13 +136,22 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))
     for record_pass in manager.passes:
         ctx.plan.record_pass(record_pass.name, record_pass.settings())
-    ctx.plan.shapes_after = {n: list(t.shape) for n, t in ctx.module.state_dict().items()}
+    ctx.plan.shapes_after = _planned_shapes(ctx.module, own, ctx.plan)
     after = describe(ctx.module, args, kwargs)
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes + notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
     if inplace:
         apply_result(model, result.module, result.plan, args, kwargs, tolerance)
     return result
+
+
+def _planned_shapes(module: torch.nn.Module, own: set[str], plan: Plan) -> dict[str, list[int]]:
+    """Shapes of the compiled module's tensors that a fresh model has or gets from the plan: the model's own, and
+    those a pass made and recorded (a folded bias, the parts of a lowered module); not the constants tracing made."""
+    made = {record["name"] for record in plan.folds}
+    lowered = tuple(f"{path}." for path in plan.extra.get("lowered", []))
+    return {n: list(t.shape) for n, t in module.state_dict().items()
+            if n in own or n in made or n.rpartition(".")[0] in made or (lowered and n.startswith(lowered))}
 
 
 def _check_values_available(model: Any, args: tuple, kwargs: dict, pass_list: list[Pass]) -> None:

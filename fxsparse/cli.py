@@ -159,7 +159,13 @@ def build_passes(names: Sequence[str], options: dict[str, dict[str, Any]]) -> li
         for option in options[name]:
             if option not in accepted:
                 raise BadArgumentError(f"--option {name}.{option}: {name} takes {', '.join(accepted) or 'no options'}")
-        passes.append(PASSES[name](**options[name]))
+        try:
+            passes.append(PASSES[name](**options[name]))
+        except (TypeError, ValueError) as error:
+            if isinstance(error, BadArgumentError):
+                raise
+            given = ", ".join(f"{name}.{k}={v!r}" for k, v in options[name].items())
+            raise BadArgumentError(f"--option {given}: {error}") from None
     return passes
 
 
@@ -172,7 +178,20 @@ def _compile(model: torch.nn.Module, inputs: Any, passes: Sequence[Any], fronten
     return fx_compile(model, inputs, list(passes), frontend=frontend, verify=verify)
 
 
+def check_output_path(option: str, path: str | None) -> None:
+    """BadArgumentError for an output path that cannot be written: checked before the compile, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise BadArgumentError(f"{option} {path!r} is a folder; give a file path, e.g. {target / 'out'}")
+    if not target.parent.is_dir():
+        raise BadArgumentError(f"{option} {path!r}: the folder {str(target.parent)!r} does not exist")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
+    for option, path in (("--output", args.output), ("--plan", args.plan), ("--report-json", args.report_json)):
+        check_output_path(option, path)
     names = parse_passes(args.passes)
     passes = build_passes(names, parse_pass_options(args.option, names))
     model, inputs = load_model_spec(args.model)

@@ -191,7 +191,35 @@ def trace_module(
     if traced is not None:
         traced.notes += [cache_note] if cache_note else []
         return traced
-    raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + _HINT)
+    whole_fails_symbolic = frontend != "export" or not _traces_symbolically(model, leaf_modules, concrete_args)
+    raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + _HINT
+                     + (_submodule_hint(model) if whole_fails_symbolic else ""))
+
+
+def _traces_symbolically(model: torch.nn.Module, leaf_modules=(), concrete_args=None) -> bool:
+    try:
+        _trace_symbolic(model, leaf_modules, concrete_args)
+    except Exception:  # noqa: BLE001 - it does not: that is all this asks
+        return False
+    return True
+
+
+def _submodule_hint(model: torch.nn.Module, tries: int = 4) -> str:
+    """Where a model does not trace whole (a detector taking a list of images, data-dependent heads), a part of it
+    often does: name the largest child that traces symbolically (of the ``tries`` largest; tracing runs nothing),
+    to be compiled in place inside the model."""
+    total = sum(p.numel() for p in model.parameters())
+    children = sorted(((sum(p.numel() for p in child.parameters()), name, child)
+                       for name, child in model.named_children()), key=lambda item: -item[0])
+    for count, name, child in children[:tries]:
+        if not count:
+            break
+        if not _traces_symbolically(child):
+            continue
+        return (f"\nOr prune a part that traces, in place inside the model: fxsparse.compile(model.{name}, "
+                f"its_inputs, passes, inplace=True) (model.{name} holds {count / total:.0%} of the parameters; "
+                "see 'Models that do not trace whole' in the README)")
+    return ""
 
 
 def _trace_with_frontends(model, args, kwargs, frontend, leaf_modules, concrete_args) -> tuple[Traced | None, list[str]]:

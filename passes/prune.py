@@ -102,6 +102,8 @@ class Prune(Pass):
         self.steps = steps
         self.max_group_ratio = _check_ratio("max_group_ratio", max_group_ratio)
         self.calibration = _check_calibration(calibration)
+        if loss_fn is not None and not callable(loss_fn):
+            raise BadArgumentError(f"loss_fn must be a callable loss_fn(outputs, targets), not {loss_fn!r}")
         self.loss_fn = loss_fn
         if self.importance.needs_gradients and (self.calibration is None or loss_fn is None):
             raise BadArgumentError(
