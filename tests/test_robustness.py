@@ -287,9 +287,16 @@ def test_cli_bad_option_value_is_one_line(option, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
-def test_cli_wrong_input_shape_prints_no_traceback(capsys):
-    assert cli.main(["-q", "compile", "resnet", "--input-shape", "1,5,32,32"]) == cli.EXIT_ERROR
-    err = capsys.readouterr().err
+def test_cli_wrong_input_shape_prints_no_traceback(tmp_path, capfd):
+    """A flattened conv into a Linear: wrong spatial sizes fail on meta and on fake tensors, whose logger prints a
+    traceback unless silenced; the user sees one line."""
+    factory = tmp_path / "flat.py"
+    factory.write_text("import torch\n"
+                       "def model():\n"
+                       "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),"
+                       " torch.nn.Linear(4 * 6 * 6, 2))\n")
+    assert cli.main(["-q", "compile", f"{factory}:model", "--input-shape", "1,3,16,16"]) == cli.EXIT_ERROR
+    err = capfd.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "example_inputs" in err, err
 
 
