@@ -50,11 +50,11 @@ def resolve_passes(passes: Any) -> list[Pass]:
     (``"Prune"`` or ``"prune"``) with default settings."""
     from fxsparse.passes import pass_class
 
-    if isinstance(passes, (str, Pass)) or not isinstance(passes, (list, tuple)):
+    if isinstance(passes, (str, Pass, dict)) or not isinstance(passes, Iterable):
         raise BadArgumentError(f"passes must be a list of passes or pass names, e.g. ['prune', 'shrink'], "
                                f"not {type(passes).__name__}")
     resolved: list[Pass] = []
-    for index, p in enumerate(passes):
+    for index, p in enumerate(list(passes)):
         if isinstance(p, Pass):
             resolved.append(p)
         elif isinstance(p, str):
