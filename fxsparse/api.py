@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from .context import CompileContext
 from .errors import BadArgumentError
+from .graph_utils import iter_tensors
 from .inplace import apply_result
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
@@ -22,7 +23,6 @@ from .plan import Plan
 from .report import Report
 from .serialize import PLAN_FILE, REPORT_FILE, load_module, save_module
 from .trace import Traced, prepare_model, trace_module
-from .graph_utils import iter_tensors
 from .verify import check_tolerance, verify_equivalent
 
 log = logging.getLogger("fxsparse")
@@ -105,9 +105,9 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     with its reference on random inputs shaped like ``example_inputs``; a relative difference above ``tolerance``
     raises :class:`~fxsparse.errors.VerificationError` (``"auto"``: 1e-4, or what the output dtype's precision
     allows for float16 and bfloat16 models, see :func:`fxsparse.verify.tolerance_for`). The user's model is never
-    modified, unless ``inplace``: then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
-    names, so its training loop, ``generate()`` and ``save_pretrained()`` keep working); if that fails the model
-    is left as it was.
+    modified, unless ``inplace``: then its own modules are resized to compute what ``result.module`` computes
+    (same classes and attribute names, so its training loop, ``generate()`` and ``save_pretrained()`` keep
+    working); if that fails the model is left as it was, buffers included.
 
     ``lower_modules``: first rewrite the modules the op-rule table cannot see into (nn.MultiheadAttention) as ops it
     can, so that the attention heads inside them can be pruned (see :mod:`fxsparse.lower`). A lowered module no longer

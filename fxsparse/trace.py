@@ -222,7 +222,8 @@ def _submodule_hint(model: torch.nn.Module, tries: int = 4) -> str:
     return ""
 
 
-def _trace_with_frontends(model, args, kwargs, frontend, leaf_modules, concrete_args) -> tuple[Traced | None, list[str]]:
+def _trace_with_frontends(model, args, kwargs, frontend, leaf_modules,
+                          concrete_args) -> tuple[Traced | None, list[str]]:
     """The first frontend that traces ``model``, or None and why each failed."""
     failures: list[str] = []
     if frontend in ("auto", "symbolic"):

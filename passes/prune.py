@@ -43,12 +43,14 @@ def _check_calibration(calibration: Any) -> list | None:
     if calibration is None:
         return None
     if isinstance(calibration, (torch.Tensor, str, dict)) or not isinstance(calibration, Iterable):
-        raise BadArgumentError(f"calibration must be a list of (inputs, targets) pairs, not {type(calibration).__name__}")
+        raise BadArgumentError(f"calibration must be a list of (inputs, targets) pairs, "
+                               f"not {type(calibration).__name__}")
     batches = list(calibration)
     for index, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
             raise BadArgumentError(f"calibration[{index}] must be an (inputs, targets) pair, not "
-                                   f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                                   f"{type(batch).__name__}{length}")
     if not batches:
         raise BadArgumentError("calibration is empty: give at least one (inputs, targets) pair")
     return batches

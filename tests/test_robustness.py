@@ -15,7 +15,7 @@ from fxsparse.metrics import count_parameters
 from fxsparse.models import build
 from fxsparse.verify import DEFAULT_TOLERANCE, tolerance_for
 
-from conftest import tiny_hf_model, token_inputs
+from conftest import token_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +230,8 @@ def _resnet():
 
 MISUSES = {
     "passes=None": (lambda m, x: fxsparse.compile(m, x, None), ["passes", "NoneType"]),
-    "pass-class": (lambda m, x: fxsparse.compile(m, x, [passes.MaskPropagation]), ["passes[0]", "MaskPropagation(masks"]),
+    "pass-class": (lambda m, x: fxsparse.compile(m, x, [passes.MaskPropagation]),
+                   ["passes[0]", "MaskPropagation(masks"]),
     "ratios-list": (lambda m, x: fxsparse.compile(m, x, [passes.Prune(ratios=[0.3])]), ["ratios", "dict"]),
     "ignore-None": (lambda m, x: fxsparse.compile(m, x, [passes.Prune(ignore=None)]), ["ignore", "list"]),
     "tolerance": (lambda m, x: fxsparse.compile(m, x, ["prune"], tolerance="tight"), ["tolerance", "'tight'"]),
