@@ -11,12 +11,13 @@ import logging
 from typing import Any, Iterator
 
 import torch
+import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..inputs import normalize_example_inputs
-from .capture import GraphCapture, ModuleCapture, pick
+from .capture import GraphCapture, ModuleCapture, find_module, pick
 from .config import DistillConfigError, KnowledgeDistillConfig
 from .losses import LOSSES, takes_temperature
 from .matching import FeatureMatch, index_maps, module_producer, param_producer
@@ -29,22 +30,61 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _absorbed_modules(model: nn.Module, modules: dict[str, str]) -> dict[str, str]:
+    """``{module name: node name}`` for the named modules a torch.fx GraphModule never calls: containers (a
+    Sequential, a residual block) that tracing took apart. Such a module's output is the value of the last node
+    traced inside it (by the ``nn_module_stack`` the tracer records on every node)."""
+    if not isinstance(model, fx.GraphModule):
+        return {}
+    called = {node.target for node in model.graph.nodes if node.op == "call_module"}
+    absorbed = {}
+    for name, where in modules.items():
+        find_module(model, name, where)
+        if name in called or name == "":
+            continue
+        inside = [node.name for node in model.graph.nodes
+                  if any(path == name for path, *_ in node.meta.get("nn_module_stack", {}).values())]
+        if inside:
+            absorbed[name] = inside[-1]
+    return absorbed
+
+
 class _Side:
-    """One model's runner: hooks on the named modules, and the traced graph when graph nodes are named."""
+    """One model's runner: hooks on the named modules, and the traced graph when graph nodes are named (or when a
+    named module is a container a GraphModule no longer calls)."""
 
     def __init__(self, model: nn.Module, side: str, modules: dict[str, str], nodes: dict[str, str],
                  args: tuple | None, kwargs: dict | None):
         self.model, self.side = model, side
-        self.modules = ModuleCapture(_unwrap(model), modules, side)
+        self.absorbed = _absorbed_modules(_unwrap(model), modules)
+        hooked = {name: where for name, where in modules.items() if name not in self.absorbed}
+        self.modules = ModuleCapture(_unwrap(model), hooked, side)
         self.graph: GraphCapture | None = None
+        nodes = {**nodes, **{node: modules[name] for name, node in self.absorbed.items()}}
         if nodes:
-            if isinstance(model, DistributedDataParallel):
-                raise DistillConfigError(f"{next(iter(nodes.values()))}: graph nodes of a DistributedDataParallel "
-                                         f"{side} would bypass its gradient sync; capture by module name")
-            if args is None:
-                raise DistillConfigError(f"{next(iter(nodes.values()))}: capturing graph nodes needs the model traced: "
-                                         "pass example_inputs to get_distill_model")
-            self.graph = GraphCapture(model, nodes, args, kwargs, side)
+            try:
+                self.graph = self._graph(nodes, args, kwargs)
+            except BaseException:
+                self.modules.close()
+                raise
+
+    def _graph(self, nodes: dict[str, str], args: tuple | None, kwargs: dict | None) -> GraphCapture:
+        where = next(iter(nodes.values()))
+        if isinstance(self.model, DistributedDataParallel):
+            raise DistillConfigError(f"{where}: graph nodes of a DistributedDataParallel {self.side} would bypass "
+                                     "its gradient sync; capture leaf modules by name")
+        if args is None and not isinstance(self.model, fx.GraphModule):
+            raise DistillConfigError(f"{where}: capturing graph nodes needs the model traced: pass example_inputs to "
+                                     "get_distill_model")
+        return GraphCapture(self.model, nodes, args, kwargs, self.side)
+
+    def module_value(self, name: str, call: int | None, nodes: dict[str, Any], where: str) -> Any:
+        if name in self.absorbed:
+            if call:
+                raise DistillConfigError(f"{where}: {name!r} is taken apart in the {self.side}'s graph; only its last "
+                                         "call can be captured (call index 0)")
+            return nodes[self.absorbed[name]]
+        return self.modules.value(name, call, where)
 
     def run(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
         with self.modules.record():
@@ -82,8 +122,8 @@ class _Match(nn.Module):
             return pick(output, index, field)
         if f"{side}_node" in self.spec:
             return pick(nodes[self.spec[f"{side}_node"]], index, field)
-        value = runner.modules.value(self.spec[f"{side}_module"], self.spec.get(f"{side}_call_idx"),
-                                     f'{self.where}: config["{side}_module"]')
+        value = runner.module_value(self.spec[f"{side}_module"], self.spec.get(f"{side}_call_idx"), nodes,
+                                    f'{self.where}: config["{side}_module"]')
         return pick(value, index, field)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, unweighted: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -141,17 +181,26 @@ class DistillDualModels(nn.Module):
                 for what in ("module", "node"):
                     if f"{side}_{what}" in spec:
                         wanted[side][what].setdefault(spec[f"{side}_{what}"], f'{kind} #{number}: config["{side}_{what}"]')
-        self._teacher = _Side(teacher, "teacher", wanted["t"]["module"], wanted["t"]["node"], example_args, example_kwargs)
-        self._student = _Side(student, "student", wanted["s"]["module"], wanted["s"]["node"], example_args, example_kwargs)
-        matches = []
-        for kind, number, spec in specs:
-            losses = [(loss["func_name"], loss["func_weight"], loss["temperature"],
-                       _build_loss(config, loss, f"{kind} #{number}: loss_func[{index}]"))
-                      for index, loss in enumerate(spec["loss_func"])]
-            feature = self._feature_match(f"{kind} #{number}", spec, maps) if kind == "add_inter_soft_label" else None
-            matches.append(_Match(kind, number, spec, losses, feature))
-        self.matches = nn.ModuleList(matches)
+        self._sides: list[_Side] = []
+        try:  # a config error leaves no hook behind on either model
+            self._teacher = self._side(teacher, "teacher", wanted["t"], example_args, example_kwargs)
+            self._student = self._side(student, "student", wanted["s"], example_args, example_kwargs)
+            self.matches = nn.ModuleList(self._match(kind, number, spec, config, maps) for kind, number, spec in specs)
+        except BaseException:
+            self.close()
+            raise
         self.train()
+
+    def _side(self, model: nn.Module, side: str, wanted: dict, args, kwargs) -> _Side:
+        self._sides.append(_Side(model, side, wanted["module"], wanted["node"], args, kwargs))
+        return self._sides[-1]
+
+    def _match(self, kind: str, number: int, spec: dict, config: KnowledgeDistillConfig, maps: dict) -> _Match:
+        losses = [(loss["func_name"], loss["func_weight"], loss["temperature"],
+                   _build_loss(config, loss, f"{kind} #{number}: loss_func[{index}]"))
+                  for index, loss in enumerate(spec["loss_func"])]
+        feature = self._feature_match(f"{kind} #{number}", spec, maps) if kind == "add_inter_soft_label" else None
+        return _Match(kind, number, spec, losses, feature)
 
     def _feature_match(self, where: str, spec: dict, maps: dict) -> FeatureMatch:
         """How the student's value meets the teacher's (see fxsparse.distill.matching); a projection is made now when
@@ -229,8 +278,8 @@ class DistillDualModels(nn.Module):
 
     def close(self) -> None:
         """Remove the forward hooks from the teacher's and student's modules."""
-        self._teacher.modules.close()
-        self._student.modules.close()
+        for side in self._sides:
+            side.modules.close()
 
 
 def get_distill_model(teacher: nn.Module, student: nn.Module, config: KnowledgeDistillConfig, plan: Any = None,
@@ -255,7 +304,11 @@ def get_distill_model(teacher: nn.Module, student: nn.Module, config: KnowledgeD
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     dual = DistillDualModels(teacher, student, config, plan, args, kwargs)
     if args is not None:
-        _dry_run(dual, args, kwargs)
+        try:
+            _dry_run(dual, args, kwargs)
+        except BaseException:
+            dual.close()
+            raise
     log.info("fxsparse distill:\n%s", dual.table())
     return dual
 
