@@ -185,10 +185,47 @@ def test_a_reordering_and_repeating_index_map_is_a_gather_of_the_teacher():
     assert dual(torch.randn(2, 3, 6, 6))[0] > 1e-3
 
 
+class ToyAttention(nn.Module):
+    """Attention maps straight from the input, so a student keeping some teacher heads has exactly their maps."""
+
+    def __init__(self, heads: int, head_dim: int = 4, width: int = 6):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.query = nn.Linear(width, heads * head_dim)
+        self.key = nn.Linear(width, heads * head_dim)
+
+    def forward(self, x):
+        split = lambda t: t.reshape(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        scores = split(self.query(x)) @ split(self.key(x)).transpose(-1, -2) / self.head_dim ** 0.5
+        return x, torch.softmax(scores, dim=-1)
+
+
+def test_attention_maps_follow_the_heads_a_plan_kept():
+    torch.manual_seed(0)
+    teacher = ToyAttention(heads=3).eval()
+    kept_heads = [2, 0]  # reordered
+    rows = [h * 4 + d for h in kept_heads for d in range(4)]
+    student = ToyAttention(heads=2)
+    with torch.no_grad():
+        for name in ("query", "key"):
+            for tensor in ("weight", "bias"):
+                getattr(getattr(student, name), tensor).copy_(getattr(getattr(teacher, name), tensor)[rows])
+    maps = {f"{name}.{tensor}": {0: rows} for name in ("query", "key") for tensor in ("weight", "bias")}
+    cfg = KnowledgeDistillConfig().add_inter_soft_label(
+        {"t_module": "", "s_module": "", "t_output_idx": 1, "s_output_idx": 1, "s_head_param": "query.weight",
+         "loss_func": kd("AttentionKL")})
+    dual = get_distill_model(teacher, student, cfg, plan=maps)
+    loss, _, _ = dual(torch.randn(2, 5, 6))
+    assert loss.abs() < 1e-6 and "(2 heads)" in dual.table()
+    split = {name: {0: rows[2:] + rows[:2]} for name in maps}  # rows that cut through heads
+    with pytest.raises(DistillConfigError, match="heads were not kept whole"):
+        get_distill_model(teacher, student, cfg, plan=split)(torch.randn(2, 5, 6))
+
+
 def test_load_big_into_small_report_matches_embedding_outputs_exactly():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    common = dict(vocab_size=100, max_position_embeddings=64)
+    common = dict(vocab_size=100, max_position_embeddings=64, attn_implementation="eager")
     big = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                                                          intermediate_size=64, **common)).eval()
     small = transformers.BertModel(transformers.BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
@@ -200,11 +237,17 @@ def test_load_big_into_small_report_matches_embedding_outputs_exactly():
         s_name = name.replace("layer.3", "layer.1")
         cfg.add_inter_soft_label({"t_module": name, "s_module": s_name, "t_output_idx": 0, "s_output_idx": 0,
                                   "loss_func": kd(loss)})
+    cfg.add_inter_soft_label({"t_module": "encoder.layer.2.attention.self",
+                              "s_module": "encoder.layer.1.attention.self",
+                              "t_output_idx": 1, "s_output_idx": 1, "loss_func": kd("AttentionKL"),
+                              "s_head_param": "encoder.layer.1.attention.self.query.weight"})
     dual = get_distill_model(big, small, cfg, plan=report, example_inputs=ids)
-    assert "projection" not in dual.table()  # 24 of 32 hidden channels, matched through the report
+    assert "projection" not in dual.table()  # 24 of 32 hidden channels and 3 of 4 heads, matched by the report
     dual.eval()
     dual(**ids)
     assert dual.unweighted_losses["inter_match0_HiddenMse"] < 1e-12  # an Embedding's channels are its dim 1
+    assert torch.isfinite(dual.unweighted_losses["inter_match2_AttentionKL"])
+    assert "(3 heads)" in dual.table()
 
 
 def test_different_widths_without_a_plan_get_a_learned_projection_the_optimizer_sees():
@@ -365,7 +408,8 @@ def inter(**change):
      r'loss_func\[0\]\["func_weight"\] must be a number > 0, got 0'),
     (lambda: KnowledgeDistillConfig().set_hard_label(0, 0), r"set_hard_label: weight"),
     (lambda: KnowledgeDistillConfig().add_inter_soft_label(inter(s_output_idx=-1)), r'config\["s_output_idx"\]'),
-    (lambda: KnowledgeDistillConfig().add_inter_soft_label(inter(t_moduel="x")), r"unknown config key\(s\) \['t_moduel'\]"),
+    (lambda: KnowledgeDistillConfig().add_inter_soft_label(inter(t_moduel="x")),
+     r"unknown config key\(s\) \['t_moduel'\]"),
     (lambda: KnowledgeDistillConfig().add_output_soft_label({"t_output_idx": 0, "loss_func": kd()}),
      r"missing \['s_output_idx'\]"),
 ])
@@ -454,7 +498,7 @@ def test_distillation_under_ddp_keeps_the_student_in_sync():
 # -- the example --------------------------------------------------------------------------------------------------
 def test_digits_example_prints_dense_pruned_fine_tuned_and_distilled_accuracy():
     pytest.importorskip("sklearn")
-    completed = subprocess.run([sys.executable, str(EXAMPLES / "distill_digits.py"), "--seeds", "1", "--epochs", "3",
+    completed = subprocess.run([sys.executable, str(EXAMPLES / "distill_digits.py"), "--seeds", "1", "--epochs", "2",
                                 "--finetune-epochs", "1"], capture_output=True, text=True, timeout=150)
     assert completed.returncode == 0, completed.stderr[-3000:]
     row = re.search(r"^0\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", completed.stdout, re.MULTILINE)

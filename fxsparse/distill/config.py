@@ -7,8 +7,9 @@ A *match* pairs a teacher value with a student value and lists the losses betwee
 - ``add_inter_soft_label``: intermediate values, by module name (``t_module`` / ``s_module``, captured with forward
   hooks; ``t_call_idx`` / ``s_call_idx`` pick a call of a module that runs several times) or by graph node name
   (``t_node`` / ``s_node``, see :mod:`fxsparse.distill.capture`). Optional: ``s_param`` names the student parameter
-  whose plan index map says which teacher channels the student's value keeps, and ``feature_dim`` which dim of the
-  value holds those channels (see :mod:`fxsparse.distill.matching`).
+  whose plan index map says which teacher channels the student's value keeps, ``s_head_param`` the query/key/value
+  weight whose kept rows say which teacher heads an attention map keeps, and ``feature_dim`` which dim of the value
+  holds those channels or heads (see :mod:`fxsparse.distill.matching`).
 
 Every mistake is a :class:`DistillConfigError` naming the method and field, raised when the field is written or, for
 what needs the models (module names, loss names, output indices), by ``get_distill_model`` and the first forward:
@@ -31,7 +32,8 @@ class DistillConfigError(BadArgumentError):
 
 OUTPUT_KEYS = {"t_output_idx", "s_output_idx", "loss_func"}
 INTER_SIDE_KEYS = {"t_module", "s_module", "t_node", "s_node"}
-INTER_OPTIONAL_KEYS = {"t_call_idx", "s_call_idx", "s_param", "feature_dim", "shape"}  # shape: MindSpore only
+# "shape" is MindSpore's (accepted, not needed here)
+INTER_OPTIONAL_KEYS = {"t_call_idx", "s_call_idx", "s_param", "s_head_param", "feature_dim", "shape"}
 LOSS_KEYS = {"func_name", "func_weight", "temperature", "func_param"}
 
 
@@ -63,7 +65,8 @@ class KnowledgeDistillConfig:
         """The hard (task) loss's share of the total, strictly between 0 and 1; ``index``: which student output the
         hard loss is computed from (kept for msModelSlim compatibility: you compute the hard loss yourself)."""
         if not _is_number(weight) or not 0 < weight < 1:
-            raise DistillConfigError(f"set_hard_label: weight must be a number strictly between 0 and 1, got {weight!r}")
+            raise DistillConfigError(f"set_hard_label: weight must be a number strictly between 0 and 1, "
+                                     f"got {weight!r}")
         if not _is_index(index):
             raise DistillConfigError(f"set_hard_label: index must be an int >= 0, got {index!r}")
         self.hard_label_loss_weight = float(weight)
@@ -96,8 +99,11 @@ class KnowledgeDistillConfig:
             call = config.get(f"{side}_call_idx")
             if call is not None and not _is_index(call):
                 raise DistillConfigError(f'{where}: config["{side}_call_idx"] must be an int >= 0, got {call!r}')
-        if "s_param" in config and not isinstance(config["s_param"], str):
-            raise DistillConfigError(f'{where}: config["s_param"] must be a parameter name, got {config["s_param"]!r}')
+        for key in ("s_param", "s_head_param"):
+            if key in config and not isinstance(config[key], str):
+                raise DistillConfigError(f'{where}: config["{key}"] must be a parameter name, got {config[key]!r}')
+        if "s_param" in config and "s_head_param" in config:
+            raise DistillConfigError(f'{where}: give one of "s_param" and "s_head_param"')
         if "feature_dim" in config and not isinstance(config["feature_dim"], int):
             raise DistillConfigError(f'{where}: config["feature_dim"] must be an int, got {config["feature_dim"]!r}')
         self.inter_matches.append(self._normalized(config, where))

@@ -20,7 +20,7 @@ from ..inputs import normalize_example_inputs
 from .capture import GraphCapture, ModuleCapture, find_module, pick
 from .config import DistillConfigError, KnowledgeDistillConfig
 from .losses import LOSSES, takes_temperature
-from .matching import FeatureMatch, index_maps, module_producer, param_producer
+from .matching import FeatureMatch, head_producer, index_maps, module_producer, param_producer
 
 log = logging.getLogger("fxsparse")
 
@@ -179,8 +179,9 @@ class DistillDualModels(nn.Module):
         for kind, number, spec in specs:
             for side in "ts":
                 for what in ("module", "node"):
-                    if f"{side}_{what}" in spec:
-                        wanted[side][what].setdefault(spec[f"{side}_{what}"], f'{kind} #{number}: config["{side}_{what}"]')
+                    key = f"{side}_{what}"
+                    if key in spec:
+                        wanted[side][what].setdefault(spec[key], f'{kind} #{number}: config["{key}"]')
         self._sides: list[_Side] = []
         try:  # a config error leaves no hook behind on either model
             self._teacher = self._side(teacher, "teacher", wanted["t"], example_args, example_kwargs)
@@ -206,16 +207,18 @@ class DistillDualModels(nn.Module):
         """How the student's value meets the teacher's (see fxsparse.distill.matching); a projection is made now when
         the weights that produce the two values say their widths differ, so the optimizer can be given it."""
         student = _unwrap(self.student_model)
-        if "s_param" in spec:
+        if "s_head_param" in spec:
+            producer = head_producer(student, spec["s_head_param"], where)
+        elif "s_param" in spec:
             producer = param_producer(student, spec["s_param"], where)
         elif "s_module" in spec:
             producer = module_producer(student, spec["s_module"])
         else:
             op, target = self._student.graph.node_targets[spec["s_node"]]
             producer = module_producer(student, target) if op == "call_module" else None
-        match = FeatureMatch(where, producer, maps, spec.get("feature_dim"))
+        match = FeatureMatch(where, producer, maps, spec.get("feature_dim"), heads="s_head_param" in spec)
         teacher = module_producer(_unwrap(self.teacher_model), spec["t_module"]) if "t_module" in spec else None
-        if producer is not None and teacher is not None and match.kept is None:
+        if producer is not None and teacher is not None and match.kept is None and not match.heads:
             match.resolve(producer.width, teacher.width)
         return match
 

@@ -111,22 +111,59 @@ def param_producer(model: nn.Module, param: str, where: str) -> Producer:
     return Producer(param, dim, feature_dim, params[param].shape[dim])
 
 
+def head_producer(model: nn.Module, param: str, where: str) -> Producer:
+    """The producer an explicit ``s_head_param`` names: a query/key/value weight whose rows (dim 0) hold the heads
+    of a value ``(batch, heads, ...)`` such as an attention map (heads on dim 1)."""
+    params = dict(model.named_parameters())
+    if param not in params:
+        raise DistillConfigError(f'{where}: config["s_head_param"]: the student has no parameter {param!r}')
+    return Producer(param, 0, 1, params[param].shape[0])
+
+
+def heads_of_rows(rows: list[int], heads: int, where: str) -> list[int]:
+    """The teacher heads that a projection's kept rows hold: ``heads`` whole blocks of ``len(rows) / heads`` rows."""
+    if heads == 0 or len(rows) % heads:
+        raise DistillConfigError(f"{where}: the plan keeps {len(rows)} rows of s_head_param, which do not split into "
+                                 f"the student's {heads} heads")
+    size = len(rows) // heads
+    kept = []
+    for head in range(heads):
+        block = rows[head * size:(head + 1) * size]
+        if block[0] % size or block != list(range(block[0], block[0] + size)):
+            raise DistillConfigError(f"{where}: the plan's rows {block[0]}.. of s_head_param are not one whole "
+                                     f"teacher head of {size} rows: heads were not kept whole")
+        kept.append(block[0] // size)
+    return kept
+
+
 class FeatureMatch(nn.Module):
     """Brings a student value and a teacher value to one shape: a gather of the teacher's by an index map, a learned
-    projection of the student's, or nothing."""
+    projection of the student's, or nothing. With ``heads``, the map is of a projection's rows and the value's
+    ``feature_dim`` counts heads: the teacher's heads the student kept are gathered."""
 
-    def __init__(self, where: str, producer: Producer | None, maps: IndexMaps, feature_dim: int | None):
+    def __init__(self, where: str, producer: Producer | None, maps: IndexMaps, feature_dim: int | None,
+                 heads: bool = False):
         super().__init__()
         self.where = where
         self.producer = producer
+        self.heads = heads
         self.feature_dim = feature_dim if feature_dim is not None else (producer.feature_dim if producer else -1)
         kept = maps.get(producer.param, {}).get(producer.param_dim) if producer else None
         self.register_buffer("kept", None if kept is None else torch.as_tensor(kept, dtype=torch.long),
                              persistent=False)
+        self.kept_rows = heads and kept is not None  # a map of projection rows, not yet of heads
         self.projection: nn.Linear | None = None
 
     def resolve(self, student_width: int, teacher_width: int) -> None:
         """Check a map against the widths, or add the projection the widths need; called once widths are known."""
+        if self.heads:
+            if self.kept is not None and self.kept_rows:  # the first value tells how many rows make a head
+                self.kept = torch.tensor(heads_of_rows(self.kept.tolist(), student_width, self.where),
+                                         dtype=torch.long)
+                self.kept_rows = False
+            elif self.kept is None and student_width != teacher_width:
+                raise DistillConfigError(f"{self.where}: the student has {student_width} heads, the teacher "
+                                         f"{teacher_width}, and the plan has no map of s_head_param")
         if self.kept is not None:
             if len(self.kept) != student_width:
                 raise DistillConfigError(
@@ -142,7 +179,8 @@ class FeatureMatch(nn.Module):
 
     def describe(self) -> str:
         if self.kept is not None:
-            return f"teacher gathered by the plan's map of {self.producer.param} ({len(self.kept)} indices)"
+            unit = "rows" if self.kept_rows else "heads" if self.heads else "indices"
+            return f"teacher gathered by the plan's map of {self.producer.param} ({len(self.kept)} {unit})"
         if self.projection is not None:
             return (f"learned projection {self.projection.in_features} -> {self.projection.out_features} "
                     f"(dim {self.feature_dim})")
