@@ -475,7 +475,7 @@ def _ddp_worker(rank: int, world: int, port: int, results) -> None:
         dual.get_total_loss(F.cross_entropy(out, torch.zeros(4, dtype=torch.long))).backward()
         optimizer.step()
         optimizer.zero_grad()
-    results[rank] = torch.cat([p.detach().flatten() for p in student.module.parameters()])
+    results[rank] = torch.cat([p.detach().flatten() for p in dual.trainable_parameters()])  # with the projection
     dist.destroy_process_group()
 
 
@@ -492,7 +492,9 @@ def test_distillation_under_ddp_keeps_the_student_in_sync():
     # fork: the workers need nothing re-imported, which keeps this test short on a busy machine
     mp.start_processes(_ddp_worker, args=(2, port, results), nprocs=2, join=True, start_method="fork")
     assert torch.equal(results[0], results[1])
-    assert not torch.equal(results[0], torch.cat([p.flatten() for p in SmallCNN(width=4).parameters()]))
+    untrained = torch.cat([p.flatten() for p in SmallCNN(width=4).parameters()])
+    assert len(results[0]) == len(untrained) + 4 * 8  # the student's parameters and the 4 -> 8 projection
+    assert not torch.equal(results[0][:len(untrained)], untrained)
 
 
 # -- the example --------------------------------------------------------------------------------------------------

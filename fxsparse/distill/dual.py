@@ -216,7 +216,9 @@ class DistillDualModels(nn.Module):
         else:
             op, target = self._student.graph.node_targets[spec["s_node"]]
             producer = module_producer(student, target) if op == "call_module" else None
-        match = FeatureMatch(where, producer, maps, spec.get("feature_dim"), heads="s_head_param" in spec)
+        device = next(student.parameters(), torch.empty(0)).device
+        match = FeatureMatch(where, producer, maps, spec.get("feature_dim"), heads="s_head_param" in spec,
+                             device=device, distributed=isinstance(self.student_model, DistributedDataParallel))
         teacher = module_producer(_unwrap(self.teacher_model), spec["t_module"]) if "t_module" in spec else None
         if producer is not None and teacher is not None and match.kept is None and not match.heads:
             match.resolve(producer.width, teacher.width)

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..plan import Plan
 from ..transfer import TransferReport
@@ -142,9 +143,12 @@ class FeatureMatch(nn.Module):
     ``feature_dim`` counts heads: the teacher's heads the student kept are gathered."""
 
     def __init__(self, where: str, producer: Producer | None, maps: IndexMaps, feature_dim: int | None,
-                 heads: bool = False):
+                 heads: bool = False, device: torch.device | None = None, distributed: bool = False):
+        """``distributed``: the student is trained with DistributedDataParallel, so a projection is too (its own
+        DDP wrapper: the same initial weights on every rank, gradients averaged like the student's)."""
         super().__init__()
         self.where = where
+        self.device, self.distributed = device, distributed
         self.producer = producer
         self.heads = heads
         self.feature_dim = feature_dim if feature_dim is not None else (producer.feature_dim if producer else -1)
@@ -153,6 +157,7 @@ class FeatureMatch(nn.Module):
                              persistent=False)
         self.kept_rows = heads and kept is not None  # a map of projection rows, not yet of heads
         self.projection: nn.Linear | None = None
+        self.run_projection: nn.Module | None = None  # the projection, or its DDP wrapper
 
     def resolve(self, student_width: int, teacher_width: int) -> None:
         """Check a map against the widths, or add the projection the widths need; called once widths are known."""
@@ -175,7 +180,8 @@ class FeatureMatch(nn.Module):
                     f"{self.where}: the plan maps {self.producer.param!r} to teacher index {int(self.kept.max())}, "
                     f"but the teacher's value has {teacher_width} channels along dim {self.feature_dim}")
         elif student_width != teacher_width and self.projection is None:
-            self.projection = nn.Linear(student_width, teacher_width, bias=False)
+            self.projection = nn.Linear(student_width, teacher_width, bias=False, device=self.device)
+            self.run_projection = DistributedDataParallel(self.projection) if self.distributed else self.projection
 
     def describe(self) -> str:
         if self.kept is not None:
@@ -201,8 +207,7 @@ class FeatureMatch(nn.Module):
         if self.kept is not None:
             teacher = teacher.index_select(dim, self.kept.to(teacher.device))
         if self.projection is not None:
-            self.projection.to(student.device)
-            student = self.projection(student.movedim(dim, -1).to(self.projection.weight.dtype)).movedim(-1, dim)
+            student = self.run_projection(student.movedim(dim, -1).to(self.projection.weight.dtype)).movedim(-1, dim)
         if student.shape != teacher.shape:
             raise DistillConfigError(f"{self.where}: the student's value has shape {tuple(student.shape)} and the "
                                      f"teacher's {tuple(teacher.shape)} ({self.describe()}); they must match")
