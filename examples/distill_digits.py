@@ -10,9 +10,9 @@ optimizer and schedule:
 
 - fine-tuned: cross-entropy on the labels only;
 - distilled: the same cross-entropy, mixed half and half (``set_hard_label(0.5)``) with the dense model as teacher:
-  soft labels (``KLDiv`` at temperature 4) and two hidden states (the residual block's and the widest layer's
-  BatchNorm outputs, ``HiddenMse``) matched through the pruning plan: the teacher's feature map restricted to the
-  channels the student kept, so no projection is learned.
+  soft labels (``KLDiv`` at ``--temperature``, 4) and two hidden states (the residual block's and the widest
+  layer's BatchNorm outputs, ``HiddenMse`` weighted by ``--hidden-weight``, 1) matched through the pruning plan: the
+  teacher's feature map restricted to the channels the student kept, so no projection is learned.
 
 The table gives the test accuracy of the dense, pruned, fine-tuned and distilled models per seed, and their mean.
 Which of fine-tuning and distillation wins is what it measures, not what it assumes.
@@ -36,21 +36,25 @@ LEARNING_RATE = 3e-3
 HIDDEN_STATES = ("block.bn2", "expand.1")  # the residual stream after the block, and the widest layer
 
 
-def distill_config() -> KnowledgeDistillConfig:
+def distill_config(temperature: float, hidden_weight: float) -> KnowledgeDistillConfig:
+    """Half hard labels, half soft: KL at ``temperature`` plus, unless ``hidden_weight`` is 0, the hidden states."""
     config = KnowledgeDistillConfig().set_hard_label(0.5, 0)
     config.add_output_soft_label({"t_output_idx": 0, "s_output_idx": 0,
-                                  "loss_func": [{"func_name": "KLDiv", "func_weight": 1, "temperature": 4}]})
-    for name in HIDDEN_STATES:
+                                  "loss_func": [{"func_name": "KLDiv", "func_weight": 1, "temperature": temperature}]})
+    for name in HIDDEN_STATES if hidden_weight else ():
         config.add_inter_soft_label({"t_module": name, "s_module": name, "t_output_idx": 0, "s_output_idx": 0,
-                                     "loss_func": [{"func_name": "HiddenMse", "func_weight": 1}]})
+                                     "loss_func": [{"func_name": "HiddenMse", "func_weight": hidden_weight}]})
     return config
 
 
-def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, plan, images, labels, epochs: int,
-            seed: int, title: str) -> None:
-    """Adam with a cosine schedule on ``student`` for ``epochs``; with a teacher, on the distillation loss."""
+def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, plan, images, labels, args, seed: int,
+            title: str) -> None:
+    """Adam with a cosine schedule on ``student`` for ``args.finetune_epochs``; with a teacher, on the distillation
+    loss."""
+    epochs = args.finetune_epochs
     steps = epochs * -(-len(labels) // BATCH_SIZE)
-    dual = get_distill_model(teacher, student, distill_config(), plan=plan) if teacher is not None else None
+    config = distill_config(args.temperature, args.hidden_weight)
+    dual = get_distill_model(teacher, student, config, plan=plan) if teacher is not None else None
     parameters = list(dual.trainable_parameters()) if dual is not None else list(student.parameters())
     optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -85,8 +89,8 @@ def run_seed(seed: int, args) -> dict[str, float]:
     row = {"seed": seed, "dense": accuracy(teacher, test_x, test_y), "pruned": accuracy(pruned, test_x, test_y),
            "params": result.report.after["parameters"] / result.report.before["parameters"]}
     fine_tuned, distilled = copy.deepcopy(pruned), copy.deepcopy(pruned)
-    recover(fine_tuned, None, None, train_x, train_y, args.finetune_epochs, seed, f"seed {seed}: fine-tuning")
-    recover(distilled, teacher, result.plan, train_x, train_y, args.finetune_epochs, seed, f"seed {seed}: distilling")
+    recover(fine_tuned, None, None, train_x, train_y, args, seed, f"seed {seed}: fine-tuning")
+    recover(distilled, teacher, result.plan, train_x, train_y, args, seed, f"seed {seed}: distilling")
     row["fine-tuned"] = accuracy(fine_tuned, test_x, test_y)
     row["distilled"] = accuracy(distilled, test_x, test_y)
     return row
@@ -99,6 +103,9 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of fine-tuning and of distillation")
     parser.add_argument("--keep", type=float, default=0.53,
                         help="fraction of each layer's channels kept (0.53 leaves ~30%% of the parameters)")
+    parser.add_argument("--temperature", type=float, default=4.0, help="temperature of the soft labels (KLDiv)")
+    parser.add_argument("--hidden-weight", type=float, default=1.0,
+                        help="weight of each plan-matched hidden-state loss (0: soft labels only)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the tensors are tiny: more threads only add synchronisation
 
@@ -108,7 +115,8 @@ def main() -> None:
     table.append(["mean", f"{statistics.mean(r['params'] for r in rows):.1%}",
                   *(f"{statistics.mean(r[c] for r in rows):.4f}" for c in columns)])
     print(f"test accuracy on the held-out digits; pruned to keep {args.keep:.0%} of each layer's channels, then "
-          f"{args.finetune_epochs} epoch(s) of fine-tuning or distillation (same steps, batches and optimizer)")
+          f"{args.finetune_epochs} epoch(s) of fine-tuning or distillation (same steps, batches and optimizer; "
+          f"T={args.temperature:g}, hidden-state weight {args.hidden_weight:g})")
     print(tabulate(table, headers=["seed", "params kept", *columns], tablefmt="simple"))
 
 

@@ -250,6 +250,19 @@ def test_load_big_into_small_report_matches_embedding_outputs_exactly():
     assert "(3 heads)" in dual.table()
 
 
+def test_relation_losses_compare_different_widths_without_a_projection():
+    torch.manual_seed(0)
+    teacher, student = TupleNet(8), TupleNet(4)
+    cfg = KnowledgeDistillConfig().add_inter_soft_label(
+        {"t_module": "body", "s_module": "body", "t_output_idx": 0, "s_output_idx": 0,
+         "loss_func": kd("MMD", func_param=[2])})
+    dual = get_distill_model(teacher, student, cfg)
+    x = torch.randn(6, 4)
+    loss, _, _ = dual(x)
+    assert dual.matches[0].feature is None and len(list(dual.trainable_parameters())) == 4
+    assert torch.allclose(loss, LOSSES["MMD"](2)(student.body(x), teacher.body(x)))
+
+
 def test_different_widths_without_a_plan_get_a_learned_projection_the_optimizer_sees():
     torch.manual_seed(0)
     teacher, student = SmallCNN(width=8), SmallCNN(width=4)

@@ -80,8 +80,8 @@ class ModuleCapture:
         self.recording = False
         self.outputs: dict[str, list[Any]] = defaultdict(list)
         self.handles = []
-        for name, where in names.items():
-            module = find_module(model, name, where)
+        modules = {name: find_module(model, name, where) for name, where in names.items()}  # all found, or no hook
+        for name, module in modules.items():
             self.handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):

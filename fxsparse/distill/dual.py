@@ -101,6 +101,7 @@ class _Match(nn.Module):
         super().__init__()
         self.kind, self.number, self.spec = kind, number, spec
         self.where = f"{kind} #{number}"
+        self.label = f"{'output' if kind == 'add_output_soft_label' else 'inter'}_match{number}"  # msModelSlim's
         self.names = [name for name, *_ in losses]
         self.weights = [weight for _, weight, _, _ in losses]
         self.temperatures = [temperature for _, _, temperature, _ in losses]
@@ -132,8 +133,7 @@ class _Match(nn.Module):
         total = 0
         for name, weight, temperature, loss_fn in zip(self.names, self.weights, self.temperatures, self.losses):
             value = loss_fn(student, teacher) if temperature is None else loss_fn(student, teacher, temperature)
-            unweighted[f"{'output' if self.kind == 'add_output_soft_label' else 'inter'}_match{self.number}_{name}"] = (
-                value.detach())
+            unweighted[f"{self.label}_{name}"] = value.detach()
             total = total + weight * value
         return total
 
@@ -200,7 +200,9 @@ class DistillDualModels(nn.Module):
         losses = [(loss["func_name"], loss["func_weight"], loss["temperature"],
                    _build_loss(config, loss, f"{kind} #{number}: loss_func[{index}]"))
                   for index, loss in enumerate(spec["loss_func"])]
-        feature = self._feature_match(f"{kind} #{number}", spec, maps) if kind == "add_inter_soft_label" else None
+        any_widths = all(getattr(module, "compares_any_widths", False) for *_, module in losses)
+        matched = kind == "add_inter_soft_label" and not any_widths  # relation losses compare values as they are
+        feature = self._feature_match(f"{kind} #{number}", spec, maps) if matched else None
         return _Match(kind, number, spec, losses, feature)
 
     def _feature_match(self, where: str, spec: dict, maps: dict) -> FeatureMatch:
@@ -296,9 +298,9 @@ def get_distill_model(teacher: nn.Module, student: nn.Module, config: KnowledgeD
     ``example_inputs`` (needed to capture graph nodes): a batch that is run once, without gradients and in eval
     mode, so that every name and index in the config is checked and every projection made before you train.
     """
-    if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
-        bad = "teacher" if not isinstance(teacher, nn.Module) else "student"
-        raise DistillConfigError(f"{bad} must be a torch.nn.Module, not {type(locals()[bad]).__name__}")
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module):
+            raise DistillConfigError(f"{name} must be a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(config, KnowledgeDistillConfig):
         raise DistillConfigError(f"config must be a KnowledgeDistillConfig, not {type(config).__name__}")
     if not config.output_matches and not config.inter_matches:

@@ -120,6 +120,7 @@ class HiddenRelation(nn.Module):
     teacher's widths may differ (each must divide by ``relation_heads``)."""
 
     takes_temperature = False
+    compares_any_widths = True  # so the values are compared as they are: no plan gather, no projection
 
     def __init__(self, relation_heads: int = 1):
         super().__init__()
@@ -145,6 +146,7 @@ class MMD(nn.Module):
     [batch_size]``)."""
 
     takes_temperature = False
+    compares_any_widths = True
 
     def __init__(self, batch_size: int | None = None):
         super().__init__()
