@@ -521,3 +521,10 @@ def test_digits_example_prints_dense_pruned_fine_tuned_and_distilled_accuracy():
     kept, dense, _pruned, fine_tuned, distilled = map(float, row.groups())
     assert 25 <= kept <= 35 and dense > 0.9
     assert fine_tuned > 0.7 and distilled > 0.7
+
+
+def test_a_regular_install_ships_the_distill_package():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "fxsparse.distill" in pyproject["tool"]["setuptools"]["packages"]
