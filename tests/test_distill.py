@@ -166,6 +166,26 @@ def permuted_student(teacher: SmallCNN, index: list[int]) -> SmallCNN:
     return student
 
 
+def test_the_producer_rule_names_the_weight_and_dims_a_value_follows():
+    from fxsparse.distill.matching import module_producer
+
+    transformers = pytest.importorskip("transformers")
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 5), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(5, 7, 1), nn.BatchNorm2d(7)), nn.ConvTranspose2d(7, 3, 2),
+                          transformers.pytorch_utils.Conv1D(9, 3), nn.Dropout())
+    rule = {name: (p.param, p.param_dim, p.feature_dim, p.width) for name in ("0", "1", "2", "3", "4", "5", "6")
+            if (p := module_producer(model, name))}
+    assert rule == {
+        "0": ("0.weight", 1, -1, 6),    # an Embedding's channels are its weight's dim 1
+        "1": ("1.weight", 0, -1, 5),    # a Linear's, dim 0
+        "2": ("1.weight", 0, -1, 5),    # an activation follows the weighted module registered before it
+        "3": ("3.1.weight", 0, 1, 7),   # a container, its last weighted module (a BatchNorm: channels first)
+        "4": ("4.weight", 1, 1, 3),     # a transposed convolution: weight (in, out, ...)
+        "5": ("5.weight", 1, -1, 9),    # Hugging Face's Conv1D: weight (in, out)
+        "6": ("5.weight", 1, -1, 9),
+    }
+
+
 def test_a_reordering_and_repeating_index_map_is_a_gather_of_the_teacher():
     torch.manual_seed(0)
     teacher = SmallCNN(width=8).eval()
