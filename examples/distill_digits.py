@@ -9,10 +9,11 @@ parameters. Two copies of the pruned model are then trained for the same steps, 
 optimizer and schedule:
 
 - fine-tuned: cross-entropy on the labels only;
-- distilled: the same cross-entropy, mixed half and half (``set_hard_label(0.5)``) with the dense model as teacher:
-  soft labels (``KLDiv`` at ``--temperature``, 4) and two hidden states (the residual block's and the widest
-  layer's BatchNorm outputs, ``HiddenMse`` weighted by ``--hidden-weight``, 1) matched through the pruning plan: the
-  teacher's feature map restricted to the channels the student kept, so no projection is learned.
+- distilled: the same cross-entropy weighted by ``--hard-weight`` (0.5, msModelSlim's example), the rest from the
+  dense model as teacher: soft labels (``KLDiv`` at ``--temperature``, 4) and two hidden states (the residual
+  block's and the widest layer's BatchNorm outputs, ``HiddenMse`` weighted by ``--hidden-weight``, 1) matched
+  through the pruning plan: the teacher's feature map restricted to the channels the student kept, so no projection
+  is learned.
 
 The table gives the test accuracy of the dense, pruned, fine-tuned and distilled models per seed, and their mean.
 Which of fine-tuning and distillation wins is what it measures, not what it assumes.
@@ -36,9 +37,10 @@ LEARNING_RATE = 3e-3
 HIDDEN_STATES = ("block.bn2", "expand.1")  # the residual stream after the block, and the widest layer
 
 
-def distill_config(temperature: float, hidden_weight: float) -> KnowledgeDistillConfig:
-    """Half hard labels, half soft: KL at ``temperature`` plus, unless ``hidden_weight`` is 0, the hidden states."""
-    config = KnowledgeDistillConfig().set_hard_label(0.5, 0)
+def distill_config(hard_weight: float, temperature: float, hidden_weight: float) -> KnowledgeDistillConfig:
+    """``hard_weight`` of hard labels, the rest soft: KL at ``temperature`` plus, unless ``hidden_weight`` is 0, the
+    hidden states."""
+    config = KnowledgeDistillConfig().set_hard_label(hard_weight, 0)
     config.add_output_soft_label({"t_output_idx": 0, "s_output_idx": 0,
                                   "loss_func": [{"func_name": "KLDiv", "func_weight": 1, "temperature": temperature}]})
     for name in HIDDEN_STATES if hidden_weight else ():
@@ -53,7 +55,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, plan, ima
     loss."""
     epochs = args.finetune_epochs
     steps = epochs * -(-len(labels) // BATCH_SIZE)
-    config = distill_config(args.temperature, args.hidden_weight)
+    config = distill_config(args.hard_weight, args.temperature, args.hidden_weight)
     dual = get_distill_model(teacher, student, config, plan=plan) if teacher is not None else None
     parameters = list(dual.trainable_parameters()) if dual is not None else list(student.parameters())
     optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of fine-tuning and of distillation")
     parser.add_argument("--keep", type=float, default=0.53,
                         help="fraction of each layer's channels kept (0.53 leaves ~30%% of the parameters)")
+    parser.add_argument("--hard-weight", type=float, default=0.5,
+                        help="share of the hard-label loss in the total (msModelSlim's set_hard_label), in (0, 1)")
     parser.add_argument("--temperature", type=float, default=4.0, help="temperature of the soft labels (KLDiv)")
     parser.add_argument("--hidden-weight", type=float, default=1.0,
                         help="weight of each plan-matched hidden-state loss (0: soft labels only)")
@@ -116,7 +120,8 @@ def main() -> None:
                   *(f"{statistics.mean(r[c] for r in rows):.4f}" for c in columns)])
     print(f"test accuracy on the held-out digits; pruned to keep {args.keep:.0%} of each layer's channels, then "
           f"{args.finetune_epochs} epoch(s) of fine-tuning or distillation (same steps, batches and optimizer; "
-          f"T={args.temperature:g}, hidden-state weight {args.hidden_weight:g})")
+          f"hard-label weight {args.hard_weight:g}, T={args.temperature:g}, "
+          f"hidden-state weight {args.hidden_weight:g})")
     print(tabulate(table, headers=["seed", "params kept", *columns], tablefmt="simple"))
 
 
