@@ -6,6 +6,7 @@ and re-applied by another, and a person can read it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import platform
 from dataclasses import dataclass, field
@@ -25,6 +26,27 @@ def _version() -> str:
     return __version__
 
 
+def pack_bits(keep: torch.Tensor) -> str:
+    """A bool tensor as base64 text, 8 entries a byte (row-major): a 4096 x 4096 mask is 2.8 MB of JSON."""
+    flat = keep.detach().flatten().to(torch.uint8).cpu()
+    padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (padded * weights).sum(dim=1, dtype=torch.uint8)
+    return base64.b64encode(packed.numpy().tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, shape: list[int]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    bits = raw.unsqueeze(1).bitwise_right_shift(torch.arange(7, -1, -1, dtype=torch.uint8)).bitwise_and(1)
+    count = 1
+    for size in shape:
+        count *= size
+    if bits.numel() < count:
+        raise PlanMismatchError(f"a recorded mask holds {bits.numel()} bits, its shape {shape} needs {count}")
+    return bits.flatten()[:count].bool().reshape(shape)
+
+
 @dataclass
 class Plan:
     """``kept[param][dim] = sorted kept indices``; ``shapes_before`` lets a fresh model be checked against it."""
@@ -39,6 +61,8 @@ class Plan:
     folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
     inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
     extra: dict[str, Any] = field(default_factory=dict)
+    # weight sparsity: param -> {"shape", "bits" (packed keep-mask, base64), and what made it: pattern, layout...}
+    masks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
         self.passes.append({"name": name, "settings": settings})
@@ -48,6 +72,14 @@ class Plan:
         if previous is not None:  # a second shrink keeps a subset of the first one's survivors
             kept = [previous[i] for i in kept]
         self.kept[param][dim] = list(kept)
+
+    def record_mask(self, param: str, keep: torch.Tensor, **info: Any) -> None:
+        """Record a weight's keep-mask (a later mask of the same weight replaces it), packed 8 entries a byte."""
+        self.masks[param] = {**info, "shape": list(keep.shape), "bits": pack_bits(keep)}
+
+    def sparsity_masks(self) -> dict[str, torch.Tensor]:
+        """``{param: bool keep-mask}`` of every recorded mask."""
+        return {param: unpack_bits(entry["bits"], entry["shape"]) for param, entry in self.masks.items()}
 
     @property
     def is_structural(self) -> bool:
@@ -69,6 +101,7 @@ class Plan:
             "folds": self.folds,
             "inputs": self.inputs,
             "extra": self.extra,
+            "masks": self.masks,
         }
 
     @classmethod
@@ -86,6 +119,7 @@ class Plan:
             folds=list(data.get("folds", [])),
             inputs=dict(data.get("inputs", {})),
             extra=dict(data.get("extra", {})),
+            masks={p: dict(entry) for p, entry in data.get("masks", {}).items()},  # absent from older plans
         )
 
     def to_json(self) -> str:
