@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .context import CompileContext
-from .errors import BadArgumentError
+from .errors import BadArgumentError, PlanMismatchError
 from .inplace import apply_result
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
@@ -191,10 +191,39 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
         args, kwargs = inputs_from_description(plan.inputs)
     else:
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
-    masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
-    result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
-                     frontend=plan.frontend or "auto", lower_modules=False)
-    return apply_result(model, result.module, plan, args, kwargs)
+    weight_masks = _weight_masks_for(model, plan)  # checked before anything changes
+    if plan.is_structural or not plan.masks:
+        masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
+        result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
+                         frontend=plan.frontend or "auto", lower_modules=False)
+        apply_result(model, result.module, plan, args, kwargs)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in weight_masks.items():
+            params[name].mul_(_after_shrink(keep, plan.kept.get(name, {}), tuple(params[name].shape)))
+    return model
+
+
+def _weight_masks_for(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """The plan's weight-sparsity masks, each checked against the model's parameter (PlanMismatchError)."""
+    params = dict(model.named_parameters())
+    masks = plan.sparsity_masks()
+    for name, keep in masks.items():
+        if name not in params:
+            raise PlanMismatchError(f"the plan masks {name!r}, which is not a parameter of the model")
+        if list(keep.shape) not in (plan.shapes_before.get(name), plan.shapes_after.get(name)):
+            raise PlanMismatchError(f"the plan's mask for {name!r} has shape {list(keep.shape)}, which is neither "
+                                    "the planned shape before nor after the structural changes")
+    return masks
+
+
+def _after_shrink(keep: torch.Tensor, kept: dict[int, list[int]], shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask made before a shrink, cut to the kept indices (a mask made after one already fits)."""
+    if tuple(keep.shape) == shape:
+        return keep
+    for dim, index in kept.items():
+        keep = keep.index_select(dim, torch.tensor(index, dtype=torch.long))
+    return keep
 
 
 def load(path: str | Path) -> torch.nn.Module:

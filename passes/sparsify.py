@@ -25,7 +25,7 @@ from fxsparse.masks import apply_masks, copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 from fxsparse.sparse.criteria import resolve_criterion
 from fxsparse.sparse.patterns import NM, parse_pattern
-from fxsparse.sparse.targets import Eligibility, eligible, graph_targets, select
+from fxsparse.sparse.targets import Eligibility, check_selectors, eligible, graph_targets, select
 from fxsparse.verify import compare_outputs
 
 
@@ -53,6 +53,8 @@ class Sparsify(Pass):
         self.criterion = resolve_criterion(criterion)
         self.include = [include] if isinstance(include, (str, type)) else list(include)
         self.exclude = [exclude] if isinstance(exclude, (str, type)) else list(exclude)
+        check_selectors("include", self.include)
+        check_selectors("exclude", self.exclude)
         if eligible is not None and not callable(eligible):
             raise BadArgumentError(f"eligible must be an Eligibility or a callable (target, pattern) -> reason, "
                                    f"not {eligible!r}")

@@ -90,32 +90,41 @@ def _owner_type(node: fx.Node) -> str:
 
 def graph_targets(gm: fx.GraphModule) -> tuple[list[WeightTarget], dict[str, str]]:
     """The linear-like weights of a traced graph, and ``{parameter: why it is not one}`` for weights that a
-    linear-like use and something else both read."""
+    linear-like use and something else both read.
+
+    A tensor known by several names (a tied weight: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is
+    one weight, under its first name, and the uses of every name count."""
     params = dict(gm.named_parameters())
-    uses: dict[str, list[tuple[str, str, str]]] = {}  # param -> [(layout or "", module type, user)]
+    canonical = {}  # every name of a parameter -> its first name
+    first_of = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        canonical[name] = first_of.setdefault(id(param), name)
+    uses: dict[str, list[tuple[str, str]]] = {}  # parameter -> [(layout, module type)]
     other: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             layout = layout_of_module(module)
-            weight = getattr(module, "weight", None)
-            if layout and isinstance(weight, torch.nn.Parameter):
-                uses.setdefault(f"{node.target}.weight", []).append(
-                    (layout, type_name(type(module)), str(node.target)))
-        elif node.op == "get_attr" and node.target in params:
+            name = canonical.get(f"{node.target}.weight")
+            if layout and name:
+                uses.setdefault(name, []).append((layout, type_name(type(module))))
+        elif node.op == "get_attr" and node.target in canonical:
+            name = canonical[node.target]
             for user in node.users:
-                layout = _layout_of_use(user, node, params[node.target])
+                layout = _layout_of_use(user, node, params[name])
                 if layout is None:
-                    other.setdefault(node.target, _describe(user))
+                    other.setdefault(name, f"{_describe(user)} (as {node.target})")
                 else:
-                    uses.setdefault(node.target, []).append((layout, _owner_type(user), user.name))
+                    uses.setdefault(name, []).append((layout, _owner_type(user)))
     targets, skipped = [], {}
     for param, found in uses.items():
-        layouts = {layout for layout, _, _ in found}
+        layouts = {layout for layout, _ in found}
+        aliases = [n for n, c in canonical.items() if c == param and n != param]
+        label = f"{param} (= {', '.join(aliases)})" if aliases else param
         if param in other:
-            skipped[param] = f"also read by {other[param]}"
+            skipped[label] = f"also read by {other[param]}"
         elif len(layouts) > 1:
-            skipped[param] = f"used with layouts {sorted(layouts)}"
+            skipped[label] = f"used with layouts {sorted(layouts)}"
         else:
             module = param.rsplit(".", 1)[0] if "." in param else ""
             targets.append(WeightTarget(param, found[0][0], module, found[0][1], tuple(params[param].shape)))
@@ -146,10 +155,8 @@ def select(targets: Iterable[WeightTarget], include: Sequence[Any] = (), exclude
     """Targets that ``include`` names (all when empty) and ``exclude`` does not; ``{param: why}`` for the rest.
 
     An entry is a module-name prefix (``"encoder.layer.0"``, matched at dots), a module class, or a class name."""
-    for option, entries in (("include", include), ("exclude", exclude)):
-        for entry in entries:
-            if not isinstance(entry, (str, type)):
-                raise BadArgumentError(f"{option} entries are module-name prefixes or module classes, not {entry!r}")
+    check_selectors("include", include)
+    check_selectors("exclude", exclude)
     chosen, left_out = [], {}
     for target in targets:
         if include and not any(_matches(target, entry) for entry in include):
@@ -159,6 +166,12 @@ def select(targets: Iterable[WeightTarget], include: Sequence[Any] = (), exclude
         else:
             chosen.append(target)
     return chosen, left_out
+
+
+def check_selectors(option: str, entries: Sequence[Any]) -> None:
+    for entry in entries:
+        if not isinstance(entry, (str, type)):
+            raise BadArgumentError(f"{option} entries are module-name prefixes or module classes, not {entry!r}")
 
 
 def _matches(target: WeightTarget, entry: str | type) -> bool:
