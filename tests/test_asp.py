@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from fxsparse.sparse import NM
 from conftest import tiny_hf_model
 
 torch.set_num_threads(1)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -156,3 +161,14 @@ def test_hugging_face_conv1d_through_custom_layer_dict_is_2_4_along_its_inputs()
     layers = [m for m in model.modules() if type(m) is conv1d]
     assert layers and all(NM(2, 4).holds(m.weight, "in_out") for m in layers)
     assert not any(NM(2, 4).holds(m.weight, "linear") for m in layers)  # [in, out]: grouped along dim 0
+
+
+def test_asp_digits_example_prunes_2_4_and_fine_tunes_back():
+    pytest.importorskip("sklearn")
+    completed = subprocess.run([sys.executable, str(EXAMPLES / "asp_digits.py"), "--epochs", "3",
+                                "--finetune-epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    row = re.search(r"^\s+0 2:4\s+3\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+yes$", completed.stdout, re.M)
+    assert row, completed.stdout
+    kept, dense, pruned, tuned = map(float, row.groups())
+    assert 0.5 < kept < 1.0 and dense > 0.9 and tuned > 0.9 and tuned >= pruned - 0.02, completed.stdout

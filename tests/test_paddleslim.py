@@ -1,6 +1,11 @@
 """PaddleSlim's UnstructuredPruner and GMPUnstructuredPruner on PyTorch modules: PaddleSlim's rules, exactly."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +153,17 @@ def test_masks_hold_at_every_forward_while_training_and_the_model_loads_into_a_d
     fresh = cnn(seed=1)
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert UnstructuredPruner.total_sparse(fresh) == UnstructuredPruner.total_sparse(model) > 0.3
+
+
+def test_gmp_digits_example_reaches_75_percent_and_stays_accurate():
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parent.parent / "examples" / "gmp_digits.py"
+    completed = subprocess.run([sys.executable, str(script), "--epochs", "2", "--pruning-epochs", "3",
+                                "--tuning-epochs", "1", "--pruning-steps", "5"],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = dict(re.findall(r"^(dense|GMP 75%)\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", completed.stdout, re.M))
+    sparsity = re.search(r"^GMP 75%\s+[\d.]+\s+([\d.]+)", completed.stdout, re.M)
+    assert set(rows) == {"dense", "GMP 75%"} and sparsity, completed.stdout
+    assert float(sparsity.group(1)) == pytest.approx(0.75, abs=0.002)
+    assert float(rows["dense"]) > 0.9 and float(rows["GMP 75%"]) > 0.85, completed.stdout
