@@ -29,6 +29,14 @@ from fxsparse.sparse.targets import Eligibility, check_selectors, eligible, grap
 from fxsparse.verify import compare_outputs
 
 
+def _tie(module: torch.nn.Module, targets) -> torch.nn.Module:
+    """Every other name of a shared weight points at its one new tensor again (a shared weight stays shared)."""
+    for target in targets:
+        for alias in target.aliases:
+            set_attr_value(module, alias, get_attr_value(module, target.param))
+    return module
+
+
 class Sparsify(Pass):
     """Masks of ``pattern`` on every eligible linear-like weight, chosen by ``criterion``."""
 
@@ -80,8 +88,8 @@ class Sparsify(Pass):
         masks = self.criterion.compute_masks(working, targets, self.pattern, self.calibration)
         self._check(masks, targets)
         reference_source = working if self.criterion.updates_weights else before
-        ctx.reference = apply_masks(reference_source, masks)
-        ctx.module = apply_masks(working, masks, in_place=True)
+        ctx.reference = _tie(apply_masks(reference_source, masks), targets)
+        ctx.module = _tie(apply_masks(working, masks, in_place=True), targets)
         rows, kept_total, magnitude_total = [], [0, 0], [0.0, 0.0]
         for target in targets:
             keep, dense = masks[target.param], get_attr_value(before, target.param).detach()

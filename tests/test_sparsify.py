@@ -159,6 +159,28 @@ def test_include_exclude_and_a_custom_eligibility_rule():
     assert set(big.plan.masks) == {n for n, m in layers.items() if m.weight.shape[1] >= 64}
 
 
+class TiedLayers(nn.Module):
+    """Two layers that share one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_shared_weight_is_masked_once_and_stays_shared_also_in_place():
+    result = fxsparse.compile(TiedLayers(), torch.randn(2, 32), [passes.Sparsify("2:4")])
+    assert list(result.plan.masks) == ["a.weight"]
+    assert result.module.a.weight is result.module.b.weight and NM(2, 4).holds(result.module.b.weight, "linear")
+    model = TiedLayers()
+    fxsparse.compile(model, torch.randn(2, 32), ["Sparsify"], inplace=True)
+    assert model.a.weight is model.b.weight and NM(2, 4).holds(model.a.weight, "linear")
+    assert float((model.a.weight == 0).float().mean()) == 0.5
+
+
 def test_global_unstructured_sparsity_over_a_model():
     model, x = build("resnet")
     result = fxsparse.compile(model, x, [passes.Sparsify("unstructured", sparsity=0.8, scope="global")])

@@ -26,6 +26,7 @@ class WeightTarget:
     module: str
     module_type: str
     shape: tuple[int, ...]
+    aliases: tuple[str, ...] = ()  # other names of the same tensor (a weight shared by several layers)
 
 
 def type_name(cls: type) -> str:
@@ -127,7 +128,8 @@ def graph_targets(gm: fx.GraphModule) -> tuple[list[WeightTarget], dict[str, str
             skipped[label] = f"used with layouts {sorted(layouts)}"
         else:
             module = param.rsplit(".", 1)[0] if "." in param else ""
-            targets.append(WeightTarget(param, found[0][0], module, found[0][1], tuple(params[param].shape)))
+            targets.append(WeightTarget(param, found[0][0], module, found[0][1], tuple(params[param].shape),
+                                        tuple(aliases)))
     return targets, skipped
 
 
