@@ -192,16 +192,29 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
     else:
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     weight_masks = _weight_masks_for(model, plan)  # checked before anything changes
-    if plan.is_structural or not plan.masks:
-        masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
-        result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
-                         frontend=plan.frontend or "auto", lower_modules=False)
-        apply_result(model, result.module, plan, args, kwargs)
+    early = plan.masks_before_shrink()
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, keep in weight_masks.items():
-            params[name].mul_(_after_shrink(keep, plan.kept.get(name, {}), tuple(params[name].shape)))
+    dense = {name: params[name].detach().clone() for name in early}
+    try:
+        _multiply(params, plan.sparsity_masks(final=False), early)
+        if plan.is_structural or not plan.masks:
+            masks = {name: mask for name, mask in plan_masks(plan).items() if name in params}
+            result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
+                             frontend=plan.frontend or "auto", lower_modules=False)
+            apply_result(model, result.module, plan, args, kwargs)
+    except Exception:
+        with torch.no_grad():
+            for name, value in dense.items():
+                params[name].copy_(value)
+        raise
+    _multiply(dict(model.named_parameters()), weight_masks, set(weight_masks) - early)
     return model
+
+
+def _multiply(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], names: set[str]) -> None:
+    with torch.no_grad():
+        for name in names:
+            params[name].mul_(masks[name])
 
 
 def _weight_masks_for(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
@@ -211,19 +224,10 @@ def _weight_masks_for(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Ten
     for name, keep in masks.items():
         if name not in params:
             raise PlanMismatchError(f"the plan masks {name!r}, which is not a parameter of the model")
-        if list(keep.shape) not in (plan.shapes_before.get(name), plan.shapes_after.get(name)):
-            raise PlanMismatchError(f"the plan's mask for {name!r} has shape {list(keep.shape)}, which is neither "
-                                    "the planned shape before nor after the structural changes")
+        if list(keep.shape) != plan.shapes_after.get(name, list(keep.shape)):
+            raise PlanMismatchError(f"the plan's mask for {name!r} has shape {list(keep.shape)}, the planned "
+                                    f"parameter {plan.shapes_after[name]}")
     return masks
-
-
-def _after_shrink(keep: torch.Tensor, kept: dict[int, list[int]], shape: tuple[int, ...]) -> torch.Tensor:
-    """A mask made before a shrink, cut to the kept indices (a mask made after one already fits)."""
-    if tuple(keep.shape) == shape:
-        return keep
-    for dim, index in kept.items():
-        keep = keep.index_select(dim, torch.tensor(index, dtype=torch.long))
-    return keep
 
 
 def load(path: str | Path) -> torch.nn.Module:

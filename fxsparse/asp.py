@@ -134,6 +134,11 @@ class ASP:
         if self._verbosity >= level:
             print(f"[ASP] {text}")
 
+    @classmethod
+    def already_init_asp_model(cls) -> bool:
+        """Whether an ``init_model_for_pruning`` on the class has set up a session (apex's check)."""
+        return cls._latest is not None and cls._latest._model is not None
+
     @_session_method(starts_session=True)
     def init_model_for_pruning(self, model: torch.nn.Module, mask_calculator: Any = "m4n2_1d", verbosity: int = 3,
                                whitelist: list | None = None, allowed_layer_names: list[str] | None = None,

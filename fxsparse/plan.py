@@ -77,9 +77,23 @@ class Plan:
         """Record a weight's keep-mask (a later mask of the same weight replaces it), packed 8 entries a byte."""
         self.masks[param] = {**info, "shape": list(keep.shape), "bits": pack_bits(keep)}
 
-    def sparsity_masks(self) -> dict[str, torch.Tensor]:
-        """``{param: bool keep-mask}`` of every recorded mask."""
-        return {param: unpack_bits(entry["bits"], entry["shape"]) for param, entry in self.masks.items()}
+    def sparsity_masks(self, final: bool = True) -> dict[str, torch.Tensor]:
+        """``{param: bool keep-mask}`` of every recorded mask, in the parameter's planned final shape (a mask made
+        before a shrink is cut to the indices the shrink kept), or with ``final=False`` as it was recorded."""
+        masks = {}
+        for param, entry in self.masks.items():
+            keep = unpack_bits(entry["bits"], entry["shape"])
+            if final and entry["shape"] != self.shapes_after.get(param, entry["shape"]):
+                for dim, index in self.kept.get(param, {}).items():
+                    keep = keep.index_select(dim, torch.tensor(index, dtype=torch.long))
+            masks[param] = keep
+        return masks
+
+    def masks_before_shrink(self) -> set[str]:
+        """The masked weights whose mask was made before a shrink changed their shape: a replay applies those masks
+        before the structural changes, in the order the compile ran them."""
+        return {param for param, entry in self.masks.items()
+                if entry["shape"] == self.shapes_before.get(param) != self.shapes_after.get(param)}
 
     @property
     def is_structural(self) -> bool:

@@ -92,8 +92,8 @@ class Sparsify(Pass):
         ctx.module = _tie(apply_masks(working, masks, in_place=True), targets)
         rows, kept_total, magnitude_total = [], [0, 0], [0.0, 0.0]
         for target in targets:
-            keep, dense = masks[target.param], get_attr_value(before, target.param).detach()
-            magnitude = (dense.abs().sum().item(), dense.abs()[keep].sum().item())
+            keep, dense = masks[target.param], get_attr_value(before, target.param).detach().abs()
+            magnitude = (dense.sum().item(), (dense * keep).sum().item())
             ctx.plan.record_mask(target.param, keep, pattern=self.pattern.name, layout=target.layout,
                                  criterion=self.criterion.name)
             kept_total[0] += keep.numel()
@@ -101,7 +101,7 @@ class Sparsify(Pass):
             magnitude_total[0] += magnitude[0]
             magnitude_total[1] += magnitude[1]
             rows.append({"weight": target.param, "layout": target.layout, "shape": "x".join(map(str, target.shape)),
-                         "sparsity": f"{1 - keep.float().mean().item():.3f}",
+                         "sparsity": f"{1 - int(keep.sum()) / keep.numel():.3f}",
                          "magnitude kept": f"{magnitude[1] / magnitude[0]:.3f}" if magnitude[0] else "n/a"})
         skipped = {**shared, **left_out, **unfit}
         rows += [{"weight": param, "sparsity": "-", "note": f"not sparsified: {why}"} for param, why in skipped.items()]

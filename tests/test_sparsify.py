@@ -249,6 +249,25 @@ def test_plan_records_masks_compactly_and_reapplies_them_to_a_fresh_model():
         fxsparse.apply_plan(torchvision.models.resnet18(), plan)
 
 
+def test_masks_made_before_a_shrink_are_cut_with_it_and_kept_in_training():
+    model, x = build("resnet")
+    model.eval()
+    result = fxsparse.compile(model, x, [passes.Sparsify("2:4", eligible=ANY_SIZE), passes.Prune(ratio=0.5),
+                                         passes.Shrink()])
+    masks = result.plan.sparsity_masks()
+    params = dict(result.module.named_parameters())
+    assert result.plan.kept and all(masks[n].shape == params[n].shape for n in masks)
+    assert all(bool((params[n][~masks[n]] == 0).all()) for n in masks)
+    fresh, _ = build("resnet")
+    fresh.load_state_dict(model.state_dict())
+    fxsparse.apply_plan(fresh, result.plan)  # masks first, then the shrink: the order the compile ran them in
+    assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters())
+    opt = torch.optim.SGD(result.module.parameters(), lr=0.1, momentum=0.9)
+    keep_masks(result.module, result.plan, opt)
+    _train(result.module, opt, x, steps=2)
+    assert all(bool((params[n][~masks[n]] == 0).all()) for n in masks)
+
+
 def test_sparsify_after_a_structural_prune_replays_both():
     model, x = build("resnet")
     model.eval()
