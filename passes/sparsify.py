@@ -29,6 +29,22 @@ from fxsparse.sparse.targets import Eligibility, check_selectors, eligible, grap
 from fxsparse.verify import compare_outputs
 
 
+def _layer_rows(targets, masks: dict[str, torch.Tensor], dense_module: torch.nn.Module
+                ) -> tuple[list[dict[str, Any]], float, float]:
+    """A report row per weight (sparsity, fraction of its magnitude kept), and both over all of them."""
+    rows, entries, kept_entries, magnitude, kept_magnitude = [], 0, 0, 0.0, 0.0
+    for target in targets:
+        keep, dense = masks[target.param], get_attr_value(dense_module, target.param).detach().abs()
+        total, kept = dense.sum().item(), (dense * keep).sum().item()
+        entries, kept_entries = entries + keep.numel(), kept_entries + int(keep.sum())
+        magnitude, kept_magnitude = magnitude + total, kept_magnitude + kept
+        rows.append({"weight": target.param, "layout": target.layout, "shape": "x".join(map(str, target.shape)),
+                     "sparsity": f"{1 - int(keep.sum()) / keep.numel():.3f}",
+                     "magnitude kept": f"{kept / total:.3f}" if total else "n/a"})
+    sparsity = 1 - kept_entries / entries if entries else 0.0
+    return rows, sparsity, kept_magnitude / magnitude if magnitude else 1.0
+
+
 def _tie(module: torch.nn.Module, targets) -> torch.nn.Module:
     """Every other name of a shared weight points at its one new tensor again (a shared weight stays shared)."""
     for target in targets:
@@ -73,8 +89,9 @@ class Sparsify(Pass):
         self._summary = ""
 
     def settings(self) -> dict[str, Any]:
+        name = lambda entry: entry if isinstance(entry, str) else entry.__name__  # noqa: E731
         return {"pattern": self.pattern.name, "criterion": self.criterion.name,
-                "include": [str(e) for e in self.include], "exclude": [str(e) for e in self.exclude]}
+                "include": [name(e) for e in self.include], "exclude": [name(e) for e in self.exclude]}
 
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
         before = ctx.module
@@ -90,24 +107,13 @@ class Sparsify(Pass):
         reference_source = working if self.criterion.updates_weights else before
         ctx.reference = _tie(apply_masks(reference_source, masks), targets)
         ctx.module = _tie(apply_masks(working, masks, in_place=True), targets)
-        rows, kept_total, magnitude_total = [], [0, 0], [0.0, 0.0]
         for target in targets:
-            keep, dense = masks[target.param], get_attr_value(before, target.param).detach().abs()
-            magnitude = (dense.sum().item(), (dense * keep).sum().item())
-            ctx.plan.record_mask(target.param, keep, pattern=self.pattern.name, layout=target.layout,
+            ctx.plan.record_mask(target.param, masks[target.param], pattern=self.pattern.name, layout=target.layout,
                                  criterion=self.criterion.name)
-            kept_total[0] += keep.numel()
-            kept_total[1] += int(keep.sum())
-            magnitude_total[0] += magnitude[0]
-            magnitude_total[1] += magnitude[1]
-            rows.append({"weight": target.param, "layout": target.layout, "shape": "x".join(map(str, target.shape)),
-                         "sparsity": f"{1 - int(keep.sum()) / keep.numel():.3f}",
-                         "magnitude kept": f"{magnitude[1] / magnitude[0]:.3f}" if magnitude[0] else "n/a"})
+        rows, sparsity, kept = _layer_rows(targets, masks, before)
         skipped = {**shared, **left_out, **unfit}
         rows += [{"weight": param, "sparsity": "-", "note": f"not sparsified: {why}"} for param, why in skipped.items()]
         drift = self._drift(before, ctx)
-        sparsity = 1 - kept_total[1] / kept_total[0] if kept_total[0] else 0.0
-        kept = magnitude_total[1] / magnitude_total[0] if magnitude_total[0] else 1.0
         self._summary = (f"{len(targets)} weights {self.pattern.name} by {self.criterion.name}: {sparsity:.1%} of "
                          f"their entries zero, {kept:.1%} of their magnitude kept; {len(skipped)} not sparsified; "
                          f"output change vs dense {drift:.2e} (relative)")
