@@ -147,6 +147,12 @@ def test_hugging_face_models_are_2_4_in_every_linear_like_weight(kind):
         assert {e["layout"] for e in result.plan.masks.values()} == {"in_out"}  # Conv1D, stored [in, out]
 
 
+def test_sparsify_after_channel_permutation_is_2_4_on_the_permuted_weights():
+    model, x = build("resnet")
+    result = fxsparse.compile(model.eval(), x, [passes.ChannelPermutation("2:4"), passes.Sparsify("2:4")])
+    assert result.plan.masks and masked_weights_hold(result.module, result.plan, NM(2, 4)) == []
+
+
 def test_include_exclude_and_a_custom_eligibility_rule():
     model, x = build("resnet")
     layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
