@@ -1,6 +1,7 @@
 """Weight criteria: which entries of each target weight a pattern keeps.
 
-A criterion is a class in ``WEIGHT_CRITERIA`` with one method::
+A criterion is a :class:`WeightCriterion` subclass registered by name (``WEIGHT_CRITERIA["wanda"] = Wanda``, then
+``Sparsify(criterion="wanda")``) with one method::
 
     compute_masks(module, targets, pattern, calibration) -> {parameter name: bool keep-mask}
 

@@ -222,5 +222,5 @@ def parse_pattern(pattern: str | Pattern, sparsity: float | None = None, scope: 
             raise BadArgumentError("pattern='unstructured' needs sparsity=, the fraction of weights to remove")
         if transposable:
             raise BadArgumentError("transposable=True applies to N:M patterns only")
-        return Unstructured(float(sparsity) if isinstance(sparsity, int) else sparsity, scope)
+        return Unstructured(sparsity, scope)
     raise BadArgumentError(f"pattern must be 'N:M' (e.g. '2:4') or 'unstructured', not {pattern!r}")
