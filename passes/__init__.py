@@ -3,12 +3,14 @@ import difflib
 import re
 
 from fxsparse.errors import BadArgumentError
+from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
 from fxsparse.passes.shape_inference import ShapeInference
 from fxsparse.passes.shrink import Shrink
+from fxsparse.passes.sparsify import Sparsify
 
 # Default providers of the facts passes require: the pass manager inserts these when a pass needs one.
 PROVIDERS = {
@@ -17,7 +19,8 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, LowerModules, MaskPropagation, Prune, Shrink)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, LowerModules, MaskPropagation, Prune, Shrink,
+                                    ChannelPermutation, Sparsify)}
 
 
 def snake_case(name: str) -> str:
@@ -40,7 +43,8 @@ def pass_class(name: str, where: str = "passes"):
                                f"(or {', '.join(sorted(PASS_ALIASES))})")
     return PASSES[canonical]
 
+
 __all__ = [
-    "ShapeInference", "DependencyGroups", "LowerModules", "MaskPropagation", "Prune", "Shrink", "PROVIDERS", "PASSES",
-    "PASS_ALIASES", "pass_class", "snake_case",
+    "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
+    "Sparsify", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class", "snake_case",
 ]
