@@ -248,19 +248,15 @@ class ASP:
             log.warning("ASP: allow_permutation=True, but no example inputs are known to trace the model with; pass "
                         "init_model_for_pruning(..., example_inputs=x) or run one forward first. Not permuted.")
             return
-        from .api import compile as compile_model
-        from .inplace import permute_in_place
-        from .passes import ChannelPermutation
+        from .api import permute_channels
 
-        permutation = ChannelPermutation(f"{self._pattern.n}:{self._pattern.m}",
-                                         consumers=[entry.full_name for entry in self._entries])
         args, kwargs = self._example_inputs
-        result = compile_model(self._model, args, [permutation], example_kwargs=kwargs, lower_modules=False)
-        optimizers = tuple(self._keeper._optimizers) if self._keeper is not None else ()
         companions = {entry.full_name: [t for t in (entry.mask, entry.pruned) if t is not None]
                       for entry in self._entries}
-        moved = permute_in_place(self._model, result.plan, optimizers, companions)
-        self._say(2, f"Permuted {len(moved)} tensors: {result.report.pass_record('ChannelPermutation').summary}")
+        result = permute_channels(self._model, args, f"{self._pattern.n}:{self._pattern.m}",
+                                  self._keeper.optimizers if self._keeper is not None else (), example_kwargs=kwargs,
+                                  companions=companions, consumers=[entry.full_name for entry in self._entries])
+        self._say(2, f"Permuted: {result.report.pass_record('ChannelPermutation').summary}")
 
     def _remember_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._example_inputs is None:
