@@ -1,5 +1,6 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
 from fxsparse.passes.dependency_groups import DependencyGroups
+from fxsparse.passes.expand_depth import ExpandDepth
 from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
@@ -13,8 +14,8 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ExpandDepth)}
 
 __all__ = [
-    "ShapeInference", "DependencyGroups", "LowerModules", "MaskPropagation", "Prune", "Shrink", "PROVIDERS", "PASSES",
+    "ShapeInference", "DependencyGroups", "LowerModules", "MaskPropagation", "Prune", "Shrink", "ExpandDepth", "PROVIDERS", "PASSES",
 ]
