@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError
-from fxsparse.growth.blocks import blocks_of, find_block_runs
+from fxsparse.growth.blocks import blocks_of, child_path, find_block_runs
 from fxsparse.growth.identity import NotGrowableError, analyse_block
-from fxsparse.growth.insert import Copy, rearrange_children, rewire_graph
+from fxsparse.growth.insert import Copy, numbered_children, rearrange_children, rewire_graph
 from fxsparse.growth.layout import layout_record, spread
 from fxsparse.masks import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
@@ -59,12 +59,11 @@ class ExpandDepth(Pass):
             runs = [run for run in runs if run.container in self.containers]
         blocks = blocks_of(gm)
         rows: list[dict[str, Any]] = []
-        for container in dict.fromkeys(run.container for run in runs):
-            children = sorted(int(key) for key in gm.get_submodule(container)._modules) if container else \
-                sorted(int(key) for key in gm._modules if key.isdigit())
+        for container, stem in dict.fromkeys((run.container, run.stem) for run in runs):
+            children = sorted(numbered_children(gm.get_submodule(container), container)[1])
             copies_after: dict[int, list[Copy]] = {}
             analysed: dict[int, Any] = {}
-            for run in (r for r in runs if r.container == container):
+            for run in (r for r in runs if (r.container, r.stem) == (container, stem)):
                 row = {"container": container or "(model)", "run": f"{run.indices[0]}..{run.indices[-1]}",
                        "blocks": len(run.indices)}
                 count = max(len(run.indices) + 1, round(len(run.indices) * self.factor))
@@ -85,8 +84,7 @@ class ExpandDepth(Pass):
                 continue
             layout = [entry for index in children for entry in [index, *copies_after.get(index, [])]]
             rearrange_children(gm, container, layout)
-            prefix = f"{container}." if container else ""
-            rewire_graph(gm, container, layout, {i: blocks[f"{prefix}{i}"] for i in analysed},
+            rewire_graph(gm, container, stem, layout, {i: blocks[child_path(container, stem, i)] for i in analysed},
                          {i: a.stream_input for i, a in analysed.items()})
             ctx.plan.extra.setdefault("growth", []).append(layout_record(container, len(children), layout))
         ctx.module = gm

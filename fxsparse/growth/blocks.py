@@ -19,20 +19,22 @@ import torch.fx as fx
 
 from ..graph_utils import get_attr_value, node_shape
 
-_INDEX = re.compile(r"^(.*?)(?:^|\.)(\d+)$")
+_INDEX = re.compile(r"^(?:(.*)\.)?((?:[A-Za-z_]*_)?)(\d+)$")  # container, stem, index: "layers.3", "encoder_layer_3"
 
 
 @dataclass
 class Block:
-    """One child ``<container>.<index>`` and the graph nodes that run inside it (get_attr nodes included)."""
+    """One child ``<container>.<stem><index>`` (the stem is empty in nn.Sequential and nn.ModuleList, and
+    ``encoder_layer_`` in torchvision's ViT) and the graph nodes that run inside it (get_attr nodes included)."""
 
     container: str
     index: int
+    stem: str = ""
     nodes: list[fx.Node] = field(default_factory=list)
 
     @property
     def path(self) -> str:
-        return f"{self.container}.{self.index}" if self.container else str(self.index)
+        return child_path(self.container, self.stem, self.index)
 
     @property
     def output(self) -> fx.Node | None:
@@ -52,31 +54,43 @@ class BlockRun:
     container: str
     indices: list[int]
     structure: str  # the Weisfeiler-Lehman hash every block of the run shares
+    stem: str = ""
 
     def paths(self) -> list[str]:
-        return [f"{self.container}.{i}" if self.container else str(i) for i in self.indices]
+        return [child_path(self.container, self.stem, i) for i in self.indices]
+
+
+def child_path(container: str, stem: str, index: int) -> str:
+    return f"{container}.{stem}{index}" if container else f"{stem}{index}"
 
 
 def module_paths(node: fx.Node) -> list[str]:
     """The module paths ``node`` runs in, outermost first."""
-    if node.op == "get_attr":
+    if node.op in ("get_attr", "call_module") and not node.meta.get("nn_module_stack"):
         parts = node.target.split(".")
-        return [".".join(parts[:k]) for k in range(1, len(parts))]
+        return [".".join(parts[:k]) for k in range(1, len(parts) + (node.op == "call_module"))]
     stack = node.meta.get("nn_module_stack") or {}
     return [value[0] for value in stack.values()]
 
 
 def blocks_of(gm: fx.GraphModule) -> dict[str, Block]:
-    """Every child-of-a-container block the graph's nodes run in, by path, nodes in graph order."""
+    """Every child-of-a-container block the graph's nodes run in, by path, nodes in graph order.
+
+    A node a rewrite made without a module stack (LowerModules' attention ops) runs where its inputs all run."""
     blocks: dict[str, Block] = {}
+    paths_of: dict[fx.Node, list[str]] = {}
     for node in gm.graph.nodes:
-        for path in module_paths(node):
+        paths = paths_of[node] = module_paths(node)
+        if not paths and node.op in ("call_function", "call_method"):
+            inputs = [paths_of[n] for n in node.all_input_nodes if n.op not in ("get_attr", "placeholder")]
+            paths = paths_of[node] = [p for p in inputs[0] if all(p in other for other in inputs)] if inputs else []
+        for path in paths:
             match = _INDEX.match(path)
             if match is None:
                 continue
             block = blocks.get(path)
             if block is None:
-                block = blocks[path] = Block(match.group(1), int(match.group(2)))
+                block = blocks[path] = Block(match.group(1) or "", int(match.group(3)), match.group(2))
             if not block.nodes or block.nodes[-1] is not node:
                 block.nodes.append(node)
     return blocks
@@ -118,11 +132,11 @@ def find_block_runs(gm: fx.GraphModule, min_length: int = 2) -> list[BlockRun]:
     module classes, parameter names and shapes). Outermost containers win: a block inside a block of a run is not
     reported separately."""
     blocks = blocks_of(gm)
-    by_container: dict[str, list[Block]] = {}
+    by_container: dict[tuple[str, str], list[Block]] = {}
     for block in blocks.values():
-        by_container.setdefault(block.container, []).append(block)
+        by_container.setdefault((block.container, block.stem), []).append(block)
     runs: list[BlockRun] = []
-    for container, members in by_container.items():
+    for (container, stem), members in by_container.items():
         members.sort(key=lambda b: b.index)
         graphs = [block_graph(gm, b) for b in members]
         with warnings.catch_warnings():  # networkx 3.5 notes that its directed hashes changed: ours are not stored
@@ -135,7 +149,7 @@ def find_block_runs(gm: fx.GraphModule, min_length: int = 2) -> list[BlockRun]:
             if continues:
                 continue
             if end - start >= min_length:
-                runs.append(BlockRun(container, [b.index for b in members[start:end]], hashes[start]))
+                runs.append(BlockRun(container, [b.index for b in members[start:end]], hashes[start], stem))
             start = end
     run_paths = [p for run in runs for p in run.paths()]
     return [run for run in runs if not any(run.container.startswith(p + ".") or run.container == p

@@ -35,8 +35,9 @@ _ZERO_PRESERVING_MODULES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "I
 _PRODUCERS = {"linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "batch_norm",
               "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "layer_norm", "native_layer_norm",
               "group_norm", "rms_norm"}
-_PRODUCER_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-                     "LayerNorm", "GroupNorm", "RMSNorm", "Conv1D", "LlamaRMSNorm")
+_PRODUCER_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm,
+                     torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+_PRODUCER_CLASS_NAMES = ("Conv1D", "LlamaRMSNorm")  # Hugging Face's, matched by name: transformers is optional
 
 
 class NotGrowableError(FxsparseError):
@@ -91,7 +92,7 @@ def _branch_producer(gm: fx.GraphModule, block: Block, node: fx.Node) -> list[st
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             kind = type(module).__name__
-            if kind in _PRODUCER_MODULES:
+            if isinstance(module, _PRODUCER_MODULES) or kind in _PRODUCER_CLASS_NAMES:
                 return _module_parameters(gm, block, node.target)
             if isinstance(module, torch.nn.MultiheadAttention):
                 return _module_parameters(gm, block, f"{node.target}.out_proj")

@@ -8,6 +8,7 @@ The same rearrangement serves a user's own model, in place (the trainer; Hugging
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,6 +45,16 @@ def _configs(root: torch.nn.Module) -> dict[int, object]:
     return {id(v): v for m in root.modules() for k, v in vars(m).items() if k == "config"}
 
 
+def numbered_children(parent: torch.nn.Module, container: str) -> tuple[str, dict[int, torch.nn.Module]]:
+    """The children of ``parent`` by number, and the stem their names share ("" or e.g. "encoder_layer_")."""
+    names = [re.fullmatch(r"((?:[A-Za-z_]*_)?)(\d+)", key) for key in parent._modules]
+    stems = {match.group(1) for match in names if match}
+    if not names or None in names or len(stems) != 1:
+        raise BadArgumentError(f"{container or 'the model'}: only children named by one stem and a number "
+                               f"(0, 1, ... or layer_0, layer_1, ...) can be rearranged, not {list(parent._modules)}")
+    return stems.pop(), {int(match.group(2)): module for match, module in zip(names, parent._modules.values())}
+
+
 def _fresh(value: torch.Tensor, fill: float) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.full_like(value, fill), value.requires_grad)
 
@@ -52,9 +63,7 @@ def rearrange_children(root: torch.nn.Module, container: str, layout: Layout) ->
     """Give ``root``'s container the children of ``layout``, renumbered 0..n-1; returns how each new parameter was
     made. Parameters of kept children stay the same objects; changed ones get new tensors, never written into."""
     parent = _container(root, container)
-    children = {int(key): module for key, module in parent._modules.items()}
-    if any(not key.isdigit() for key in parent._modules):
-        raise BadArgumentError(f"{container or 'the model'} has named children: only numbered ones can be rearranged")
+    stem, children = numbered_children(parent, container)
     shared = _configs(root)
     derivations: dict[torch.nn.Parameter, Derivation] = {}
     new_children: list[torch.nn.Module] = []
@@ -73,7 +82,7 @@ def rearrange_children(root: torch.nn.Module, container: str, layout: Layout) ->
         new_children.append(made)
     _chain_post_norms(layout, new_children, derivations)
     old_count = len(children)
-    parent._modules = OrderedDict((str(i), m) for i, m in enumerate(new_children))
+    parent._modules = OrderedDict((f"{stem}{i}", m) for i, m in enumerate(new_children))
     _update_hf_counts(root, parent, layout, old_count)
     return derivations
 
@@ -154,7 +163,7 @@ def _rename_node(node: fx.Node, rename) -> None:
         node.meta["nn_module_stack"] = type(stack)((rename(k), (rename(v[0]), *v[1:])) for k, v in stack.items())
 
 
-def rewire_graph(gm: fx.GraphModule, container: str, layout: Layout, blocks: dict[int, Block],
+def rewire_graph(gm: fx.GraphModule, container: str, stem: str, layout: Layout, blocks: dict[int, Block],
                  stream_inputs: dict[int, fx.Node]) -> None:
     """Make ``gm``'s graph call the children ``rearrange_children`` gave its container: existing nodes renumbered,
     each copy's nodes inserted after the block before it, its residual input that block's output.
@@ -162,7 +171,7 @@ def rewire_graph(gm: fx.GraphModule, container: str, layout: Layout, blocks: dic
     ``blocks`` and ``stream_inputs``: the analysed blocks of the container by their index before, for every block
     that is copied or that a copy follows.
     """
-    prefix = f"{container}." if container else ""
+    prefix = f"{container}.{stem}" if container else stem
     positions = {entry: p for p, entry in enumerate(layout) if not isinstance(entry, Copy)}
     outputs = {index: block.output for index, block in blocks.items()}
     for node in list(gm.graph.nodes):
