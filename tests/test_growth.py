@@ -61,7 +61,7 @@ def train(model, optimizer, steps, scheduler=None, accumulate=1, seed=0):
             scheduler.step()
 
 
-def test_msmodelslim_documentation_example_runs_and_ends_at_the_original_size():
+def test_msmodelslim_documentation_example_runs_and_ends_at_the_original_size(one_thread):
     # the example of msModelSlim's "sparse training acceleration" page, on CPU with torch's SGD (no NPU, no apex)
     model = nn.Sequential(
         nn.Conv2d(3, 32, 1, 1, bias=False),
