@@ -228,3 +228,21 @@ def test_ddp_ranks_hold_identical_weights_after_growth():
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert results[0] == results[1] == (4, 0.0)
+
+
+def test_remap_optimizer_gathers_and_scales_the_state_of_a_derived_parameter():
+    from fxsparse.growth import Derivation, remap_optimizer
+
+    old, kept = nn.Parameter(torch.arange(6.0).reshape(3, 2)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([{"params": [old], "lr": 0.1}, {"params": [kept], "lr": 0.2}])
+    (old.sum() * 2 + kept.sum()).backward()
+    optimizer.step()
+    moments, squares = optimizer.state[old]["exp_avg"].clone(), optimizer.state[old]["exp_avg_sq"].clone()
+    index = torch.tensor([0, 2, 2])
+    new = nn.Parameter(old.detach()[index] * 0.5)
+    remap_optimizer(optimizer, {new: Derivation(old, old, 0.5, ((0, index),))}, [new, kept])
+    assert optimizer.param_groups[0]["params"] == [new] and optimizer.param_groups[1]["params"] == [kept]
+    assert old not in optimizer.state and kept in optimizer.state
+    assert torch.equal(optimizer.state[new]["exp_avg"], moments[index] * 0.5)
+    assert torch.equal(optimizer.state[new]["exp_avg_sq"], squares[index] * 0.25)
+    optimizer.step()  # the optimizer works on with the new parameter

@@ -181,10 +181,7 @@ def analyse_block(gm: fx.GraphModule, block: Block) -> StreamAnalysis:
             continue
         sources = [_source(a) for a in operands]
         if stream is None:
-            for (skip, source), branch in ((pair, operands[1 - k]) for k, pair in enumerate(zip(operands, sources))):
-                if source not in inside and _reaches(branch, source, inside):
-                    stream = stream_input = source
-                    break
+            stream = stream_input = _block_input(operands, sources, inside)
             if stream is None:
                 continue
         if _source(stream) not in sources:
@@ -204,20 +201,24 @@ def analyse_block(gm: fx.GraphModule, block: Block) -> StreamAnalysis:
         if stream is not output:
             raise NotGrowableError(f"block {block.path} is post-norm but its last norm is not its output")
         return StreamAnalysis(IdentityRecipe(zero, [n for n, _ in norms[:-1]], norms[-1][0]), stream_input)
-    if stream is not output and not _trails(output, stream):
+    if stream is not output and not _trails(gm, output, stream):
         raise NotGrowableError(f"block {block.path}: its output is not the residual stream")
     return StreamAnalysis(IdentityRecipe(zero), stream_input)
 
 
-def _trails(output: fx.Node, stream: fx.Node) -> bool:
-    """``output`` is an activation of the stream (ResNet's final ReLU): the identity then holds for the inputs it
-    leaves unchanged (a ReLU after a ReLU); the numerical verification after a growth checks it."""
-    return output.all_input_nodes == [stream] and (output.op == "call_module" or op_name(output) in
-                                                    {"relu", "relu_", "relu6", "hardtanh"})
+def _block_input(operands: list[fx.Node], sources: list[fx.Node], inside: set[fx.Node]) -> fx.Node | None:
+    """The operand of a block's first residual add that comes from outside the block and feeds the other one."""
+    for k in (0, 1):
+        if sources[k] not in inside and _reaches(operands[1 - k], sources[k], inside):
+            return sources[k]
+    return None
 
 
-def unit_affine(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-    """New parameters gamma=1, beta=0 shaped like ``weight`` and ``bias``."""
-    return (torch.nn.Parameter(torch.ones_like(weight), weight.requires_grad),
-            torch.nn.Parameter(torch.zeros_like(bias), bias.requires_grad))
-
+def _trails(gm: fx.GraphModule, output: fx.Node, stream: fx.Node) -> bool:
+    """``output`` is a ReLU of the stream (ResNet's last op): the identity then holds for the inputs it leaves
+    unchanged (the ReLU'd output of the block before); the numerical verification after a growth checks it."""
+    if output.all_input_nodes != [stream]:
+        return False
+    if output.op == "call_module":
+        return isinstance(gm.get_submodule(output.target), (torch.nn.ReLU, torch.nn.ReLU6))
+    return output.op in ("call_function", "call_method") and op_name(output) in {"relu", "relu_", "relu6"}
