@@ -165,6 +165,8 @@ def test_hugging_face_config_and_layer_indices_follow_the_growth(one_thread):
     optimizer.fxsparse_growth.grow_to(1)
     assert model.config.num_hidden_layers == 2
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    if getattr(model.config, "layer_types", None) is not None:
+        assert len(model.config.layer_types) == 2
     assert torch.allclose(model(**inputs).logits, before, atol=1e-5)
 
 
