@@ -100,7 +100,7 @@ def run(kind: str, args, train_data, val_data, target: float = -math.inf, budget
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
     steps_per_epoch = max(1, args.steps // 8)  # an "epoch" of the schedule: 1/8 of the steps
-    stages = [2, 2, -1]  # 1/4 of the depth for 2/8 of the steps, 1/2 for 2/8, then all of it
+    stages = args.stages  # by default 1/4 of the depth for 2/8 of the steps, 1/2 for 2/8, then all of it
     if kind == "depth":
         sparse_model_depth(model, optimizer, steps_per_epoch, stages)
     elif kind == "width":
@@ -143,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bytes", type=int, default=2_000_000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stages", type=lambda text: [int(v) for v in text.split(",")], default=[2, 2, -1],
+                        help="epochs_each_stage of the grown runs, an epoch being 1/8 of --steps (default 2,2,-1)")
     parser.add_argument("--width", action="store_true", help="also width growth (needs passes.ExpandWidth)")
     parser.add_argument("--plot", help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="a few steps on little data, to check that it runs")
