@@ -1,6 +1,7 @@
 """The plan: every decision fxsparse made, as JSON, re-applicable to a fresh instance of the same model.
 
-A structural decision is recorded per parameter: which indices of which dimension are kept. That form does not
+A structural decision is recorded per parameter: for each dimension the rewrite re-indexed, which old index each
+new index holds (a sorted subset when channels are removed, a permutation when reordered, repeats when grown). That form does not
 depend on how the dependency analysis numbers its groups, so a plan written by one fxsparse version can be checked
 and re-applied by another, and a person can read it.
 """
@@ -35,6 +36,8 @@ class Plan:
     shapes_before: dict[str, list[int]] = field(default_factory=dict)
     shapes_after: dict[str, list[int]] = field(default_factory=dict)
     kept: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # Per kept entry that consumes copied channels (width growth): the factor each new index is scaled by.
+    scales: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)
     folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
     inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
@@ -43,11 +46,25 @@ class Plan:
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
         self.passes.append({"name": name, "settings": settings})
 
-    def record_kept(self, param: str, dim: int, kept: list[int]) -> None:
+    def record_kept(self, param: str, dim: int, kept: list[int], scale: list[float] | None = None) -> None:
+        """Index ``i`` of ``param``'s new dimension ``dim`` is old index ``kept[i]`` (a subset when channels are
+        removed, a permutation when reordered, with repeats when grown), times ``scale[i]`` when given. Composed
+        with what earlier rewrites recorded, so the entry always maps the original model to the latest one."""
         previous = self.kept.setdefault(param, {}).get(dim)
-        if previous is not None:  # a second shrink keeps a subset of the first one's survivors
+        previous_scale = self.scales.get(param, {}).get(dim)
+        if previous is not None:
+            if previous_scale is not None:
+                old_scale = [previous_scale[i] for i in kept]
+                scale = [a * b for a, b in zip(old_scale, scale)] if scale is not None else old_scale
             kept = [previous[i] for i in kept]
         self.kept[param][dim] = list(kept)
+        if scale is not None:
+            self.scales.setdefault(param, {})[dim] = list(scale)
+
+    @property
+    def is_permutation_or_growth(self) -> bool:
+        """Whether some recorded index map reorders or repeats indices (not a plain sorted subset)."""
+        return any(list(k) != sorted(set(k)) for dims in self.kept.values() for k in dims.values())
 
     @property
     def is_structural(self) -> bool:
@@ -65,6 +82,7 @@ class Plan:
             "shapes_before": self.shapes_before,
             "shapes_after": self.shapes_after,
             "kept": {p: {str(d): k for d, k in dims.items()} for p, dims in self.kept.items()},
+            "scales": {p: {str(d): k for d, k in dims.items()} for p, dims in self.scales.items()},
             "groups": self.groups,
             "folds": self.folds,
             "inputs": self.inputs,
@@ -82,6 +100,7 @@ class Plan:
             shapes_before={k: list(v) for k, v in data.get("shapes_before", {}).items()},
             shapes_after={k: list(v) for k, v in data.get("shapes_after", {}).items()},
             kept={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("kept", {}).items()},
+            scales={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("scales", {}).items()},
             groups=list(data.get("groups", [])),
             folds=list(data.get("folds", [])),
             inputs=dict(data.get("inputs", {})),

@@ -1,4 +1,5 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
+from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.expand_depth import ExpandDepth
 from fxsparse.passes.lower_modules import LowerModules
@@ -14,8 +15,9 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ExpandDepth)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, ExpandDepth)}
 
 __all__ = [
-    "ShapeInference", "DependencyGroups", "LowerModules", "MaskPropagation", "Prune", "Shrink", "ExpandDepth", "PROVIDERS", "PASSES",
+    "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
+    "ExpandDepth", "PROVIDERS", "PASSES",
 ]
