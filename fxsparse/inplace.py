@@ -258,3 +258,32 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
         raise
     model.train(was_training)
     return model
+
+
+def permute_in_place(model: nn.Module, plan: Plan, optimizers: tuple = (),
+                     companions: dict[str, list[torch.Tensor]] | None = None) -> list[str]:
+    """Reorder ``model``'s own tensors by a plan whose index maps keep every shape (a channel permutation): each
+    parameter and buffer is written in place (the same Parameter objects, so optimizers and hooks keep them), and so
+    is every optimizer state tensor of a parameter's shape (momentum, Adam's moments) and every tensor in
+    ``companions[name]`` (e.g. a sparsity mask kept beside a weight). Returns the names of the tensors moved."""
+    state = dict(model.state_dict(keep_vars=True))
+    moved = []
+    with torch.no_grad():
+        for name, dims in plan.kept.items():
+            tensor = state.get(name)
+            if tensor is None:
+                continue
+            if any(len(index) != tensor.shape[dim] for dim, index in dims.items()):
+                raise PlanMismatchError(f"permute_in_place: the plan changes the shape of {name!r}; it is no "
+                                        "permutation (use apply_plan)")
+            related = [tensor] + list((companions or {}).get(name, []))
+            for optimizer in optimizers:
+                related += [value for value in optimizer.state.get(tensor, {}).values()
+                            if isinstance(value, torch.Tensor) and value.shape == tensor.shape]
+            for target in related:
+                gathered = target
+                for dim, index in dims.items():
+                    gathered = gathered.index_select(dim, torch.as_tensor(index, device=target.device))
+                target.copy_(gathered)
+            moved.append(name)
+    return moved
