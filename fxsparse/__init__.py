@@ -18,9 +18,11 @@ from .plan import Plan  # noqa: E402
 from .trace import Traced, trace  # noqa: E402
 from .transfer import load_big_into_small  # noqa: E402
 from . import passes  # noqa: E402  (the top-level passes/ folder, installed as fxsparse.passes)
+from . import growth  # noqa: E402
 
 __all__ = [
-    "compile", "prune", "permute_channels", "apply_plan", "load", "trace", "load_big_into_small", "passes", "Plan", "Traced",
+    "compile", "prune", "permute_channels", "apply_plan", "load", "trace", "load_big_into_small", "passes", "growth",
+    "Plan", "Traced",
     "CompileResult", "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError",
     "MaskError", "PlanMismatchError", "VerificationError",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
+from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection
 from .plan import Plan
 from .verify import verify_equivalent
@@ -244,6 +245,7 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
     snapshot = _Snapshot(model)
     was_training = model.training
     try:
+        apply_growth(model, plan)  # blocks a growth inserted, so that their tensors have a place to go
         with torch.no_grad():
             _move_tensors(model, source.state_dict(), plan)
         _add_corrections(model, source, plan)
