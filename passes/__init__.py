@@ -5,6 +5,7 @@ import re
 from fxsparse.errors import BadArgumentError
 from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
+from fxsparse.passes.expand_depth import ExpandDepth
 from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
@@ -20,7 +21,7 @@ PROVIDERS = {
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
 PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, LowerModules, MaskPropagation, Prune, Shrink,
-                                    ChannelPermutation, Sparsify)}
+                                    ChannelPermutation, Sparsify, ExpandDepth)}
 
 
 def snake_case(name: str) -> str:
@@ -46,5 +47,5 @@ def pass_class(name: str, where: str = "passes"):
 
 __all__ = [
     "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
-    "Sparsify", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class", "snake_case",
+    "Sparsify", "ExpandDepth", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class", "snake_case",
 ]
