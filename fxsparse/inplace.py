@@ -16,8 +16,10 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
+from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection
 from .plan import Plan
+from .trace import cache_disabled
 from .verify import verify_equivalent
 
 # size attributes of common layers, recomputed from their (already resized) parameters
@@ -54,13 +56,16 @@ def _out_width(module: nn.Module) -> int | None:
 
 
 class _Snapshot:
-    """Enough of every submodule's state to put it back: its dicts of parameters, buffers, children, attributes."""
+    """Enough of every submodule's state to put it back: its dicts of parameters, buffers, children, attributes,
+    and the values of its buffers, which a forward may change in place (BatchNorm's running statistics and
+    ``num_batches_tracked``, a counter of one's own)."""
 
     def __init__(self, root: nn.Module):
         self.saved = [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
                       for m in root.modules()]
         config = getattr(root, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
+        self.buffers = _BufferValues(root)
 
     def restore(self) -> None:
         for module, state in self.saved:
@@ -69,6 +74,20 @@ class _Snapshot:
         if self.config is not None:
             vars(self.config).clear()
             vars(self.config).update(self.config[1])
+        self.buffers.restore()
+
+
+class _BufferValues:
+    """The values of a module's buffers, to write back into the same tensors after a forward changed them."""
+
+    def __init__(self, root: nn.Module):
+        self.saved = [(buffer, buffer.detach().clone()) for buffer in root.buffers() if buffer.device.type != "meta"]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                if buffer.shape == value.shape:
+                    buffer.copy_(value)
 
 
 def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) -> None:
@@ -85,17 +104,25 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
             weight = state.get(f"{record['owner']}.weight", own.get(f"{record['owner']}.weight"))
             state[record["name"]] = torch.zeros(_out_width(model.get_submodule(record["owner"])) if weight.dim() == 2
                                                 else weight.shape[0], dtype=weight.dtype)
+    # weights a sparsity mask changed keep their shape; they are replaced too, once for all names of a shared one
+    masked = {id(own[name]) for name in plan.masks if name in own}
+    replaced: dict[int, torch.Tensor] = {}
     for name, value in state.items():
-        if name in own and own[name].shape == value.shape and name not in made:
+        if name in own and own[name].shape == value.shape and name not in made and id(own[name]) not in masked:
             continue
         if name not in own and name not in made:
             continue  # a border correction's kernel: moved with its module below
         old = own.get(name)
+        if old is not None and id(old) in replaced:
+            set_attr_value(model, name, replaced[id(old)])
+            continue
         requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
         tensor = value.detach().clone()
         if isinstance(old, nn.Parameter) or old is None:
             tensor = nn.Parameter(tensor, requires_grad=requires_grad)
         set_attr_value(model, name, tensor)
+        if old is not None:
+            replaced[id(old)] = tensor
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
@@ -226,25 +253,61 @@ def _config_mismatches(model: nn.Module, config: Any, shapes: dict[str, tuple]) 
 
 
 def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, kwargs: dict,
-                 tolerance: float | None = 1e-4) -> nn.Module:
+                 tolerance: float | str | None = "auto") -> nn.Module:
     """Make ``model`` compute what ``source`` (the compiled GraphModule) computes, by resizing it in place.
 
-    ``tolerance``: the largest relative difference accepted (None: measure only)."""
+    ``tolerance``: the largest relative difference accepted (None: measure only). The check runs ``model``
+    itself, as it was traced (without a Hugging Face cache), and puts back the buffer values it changes."""
     if not isinstance(model, nn.Module):
         raise PlanMismatchError(f"can only apply a plan to an nn.Module, not {type(model).__name__}")
     plan.check_fits(model)
     snapshot = _Snapshot(model)
     was_training = model.training
     try:
+        apply_growth(model, plan)  # blocks a growth inserted, so that their tensors have a place to go
         with torch.no_grad():
             _move_tensors(model, source.state_dict(), plan)
         _add_corrections(model, source, plan)
         _resize_attributes(model, source)
         _update_config(model)
         model.eval()
-        verify_equivalent(source, model, args, kwargs, tolerance=tolerance, what="applying the plan in place")
+        checked_buffers = _BufferValues(model)
+        try:
+            with cache_disabled(model):
+                verify_equivalent(source, model, args, kwargs, tolerance=tolerance, what="applying the plan in place")
+        finally:
+            checked_buffers.restore()
     except Exception:
         snapshot.restore()
         raise
     model.train(was_training)
     return model
+
+
+def permute_in_place(model: nn.Module, plan: Plan, optimizers: tuple = (),
+                     companions: dict[str, list[torch.Tensor]] | None = None) -> list[str]:
+    """Reorder ``model``'s own tensors by a plan whose index maps keep every shape (a channel permutation): each
+    parameter and buffer is written in place (the same Parameter objects, so optimizers and hooks keep them), and so
+    is every optimizer state tensor of a parameter's shape (momentum, Adam's moments) and every tensor in
+    ``companions[name]`` (e.g. a sparsity mask kept beside a weight). Returns the names of the tensors moved."""
+    state = dict(model.state_dict(keep_vars=True))
+    moved = []
+    with torch.no_grad():
+        for name, dims in plan.kept.items():
+            tensor = state.get(name)
+            if tensor is None:
+                continue
+            if any(len(index) != tensor.shape[dim] for dim, index in dims.items()):
+                raise PlanMismatchError(f"permute_in_place: the plan changes the shape of {name!r}; it is no "
+                                        "permutation (use apply_plan)")
+            related = [tensor] + list((companions or {}).get(name, []))
+            for optimizer in optimizers:
+                related += [value for value in optimizer.state.get(tensor, {}).values()
+                            if isinstance(value, torch.Tensor) and value.shape == tensor.shape]
+            for target in related:
+                gathered = target
+                for dim, index in dims.items():
+                    gathered = gathered.index_select(dim, torch.as_tensor(index, device=target.device))
+                target.copy_(gathered)
+            moved.append(name)
+    return moved

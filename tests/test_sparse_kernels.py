@@ -103,6 +103,19 @@ def test_mlp_rewritten_equals_masked_dense(fmt, one_thread):
         {"layer": r["layer"], "format": fmt, "speedup": 2.0} for r in rows if r["choice"] != "dense"]
 
 
+def test_after_sparsify_in_one_compile(one_thread):
+    from fxsparse.passes import Sparsify
+
+    model = mlp()
+    x = torch.randn(4, 32)
+    result = fxsparse.compile(model, x, passes=[Sparsify("unstructured", sparsity=0.9),
+                                                SparseKernels(timer=timer_preferring("csr"))])
+    rows = rows_of(result)
+    assert [r["choice"] for r in rows] == ["csr"] * 3 and all(r["sparsity"] >= 0.89 for r in rows)
+    masked = fxsparse.compile(model, x, passes=[Sparsify("unstructured", sparsity=0.9)]).module
+    assert relative_error(masked, result.module, x) <= EXACT
+
+
 def test_never_replaced_when_not_faster_enough(one_thread):
     model = zero_unstructured(mlp(), 0.9)
     x = torch.randn(4, 32)

@@ -5,7 +5,7 @@ import math
 
 import torch.fx as fx
 
-from fxsparse.channels import CONSUME, PRODUCE
+from fxsparse.channels import CONSUME, PRODUCE, REPEAT
 
 from .base import NodeLabels, RewriteContext, Rule, RuleContext
 from .elementwise import broadcast
@@ -55,6 +55,7 @@ class MatMul(Rule):
             out = tuple(a[:-1]) + (out_channels,)
         else:
             rc.tie(a[-1], b[-2])
+            rc.fix(a[-1], REPEAT)  # a sum over the products of two activations: copies would count twice
             if a[-1] is not None:
                 rc.graph.consumers.append(Consumer(rc.node.name, "matmul", self.first, len(a) - 1, a[-1]))
             out = tuple(_tie_batch(rc, a, b, sa, sb)) + (a[-2], b[-1])
@@ -83,6 +84,7 @@ class ScaledDotProductAttention(Rule):
         if len(q) < 3:
             return rc.barrier("attention without a head dim")
         rc.tie(q[-1], k[-1])
+        rc.fix(q[-1], REPEAT)  # q.k sums over head dims: a copied dim would count twice (whole heads can be copied)
         if q[-1] is not None:
             rc.graph.consumers.append(Consumer(rc.node.name, "attention", 0, len(q) - 1, q[-1]))
         rc.tie(k[-2], v[-2])
@@ -98,8 +100,8 @@ class ScaledDotProductAttention(Rule):
                 rc.tie(heads, k[-3].repeat_interleave(rep))
         rc.tie(k[-3], v[-3])
         mask = rc.arg(3, "attn_mask")
-        if isinstance(mask, fx.Node):
-            ms = rc.shape_of(mask)
+        ms = rc.shape_of(mask)  # None also for a node holding None (a forward's attn_mask=None, traced)
+        if ms is not None:
             if len(ms) >= 3 and ms[-3] != 1:
                 heads = rc.tie(heads, rc.labels_of(mask)[-3])
         return tuple(q[:-3]) + (heads, q[-2], v[-1])
@@ -135,6 +137,9 @@ class Einsum(Rule):
                     rc.fix(lab)
                     continue
                 by_letter[letter] = rc.tie(by_letter[letter], lab) if letter in by_letter else lab
+        for letter, lab in by_letter.items():
+            if letter not in output:
+                rc.fix(lab, REPEAT)  # contracted between operands: copies would count twice
         for position, letter in enumerate(specs[0]):
             if letter not in output and by_letter.get(letter) is not None:
                 rc.graph.consumers.append(
