@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import register_flop_formula
 
 LAYOUTS = ("csr", "coo", "bsr")
@@ -198,5 +197,7 @@ def median_seconds(layer: str, fmt: str, fn: Callable[[], object], limit: float 
     first = time.perf_counter() - start
     if limit is not None and first > limit:
         return first
+    from torch.utils import benchmark  # imported here: it loads torch's C++ extension tools, which log on import
+
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.adaptive_autorange(threshold=0.1, min_run_time=0.02, max_run_time=max_seconds).median
