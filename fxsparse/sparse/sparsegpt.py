@@ -75,7 +75,7 @@ def sparsegpt_prune(weight: torch.Tensor, statistics: HessianStatistics, sparsit
         block_weight = work[:, start:end].clone()
         block_hinv = hinv[start:end, start:end]
         block_errors = torch.zeros_like(block_weight)
-        block_pruned = torch.zeros_like(block_weight, dtype=torch.bool)
+        block_pruned = torch.zeros(block_weight.shape, dtype=torch.bool, device=work.device)
         if n_of_m is None and counts[block]:
             scores = block_weight.square() / block_hinv.diagonal().reshape(1, -1).square()
             lowest = torch.topk(scores.flatten(), counts[block], largest=False).indices
