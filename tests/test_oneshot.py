@@ -170,6 +170,29 @@ def test_criterion_classes_follow_the_registry_interface():
     assert (~masks[targets[0]]).sum().item() == masks[targets[0]].numel() // 4
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_compiled_graph_module_is_calibrated_layer_by_layer(kind):
+    """What fxsparse.compile hands a pass: an export graph, weights as get_attr nodes, no callable blocks."""
+    import fxsparse
+
+    model, inputs = tiny_hf_model(kind)
+    graph = fxsparse.trace(model, inputs).module
+    linear = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    targets = [f"{n}.weight" for n in linear if n != "lm_head"]
+    masks = SparseGPTCriterion(sparsity=0.5, progress=False).compute_masks(graph, targets, "2:4", calibration())
+    assert sorted(masks) == sorted(targets)
+    params = dict(graph.named_parameters())
+    for name, keep in masks.items():
+        assert torch.equal(params[name] != 0, keep) and (~keep).sum() == keep.numel() // 2, name
+    # the graph computes with the pruned weights: the eager model given them computes the same
+    model.load_state_dict({name: value for name, value in graph.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(**inputs)[0], model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    if kind == "gpt2":  # lm_head is tied to the token embedding: not a Linear-only weight, never a target
+        with pytest.raises(BadArgumentError, match="tied embedding"):
+            WandaCriterion(progress=False).compute_masks(graph, ["transformer.wte.weight"], "2:4", calibration())
+
+
 def test_include_exclude_and_explicit_blocks():
     model, _ = tiny_hf_model("gpt2")
     masks = sparsify_sequential(model, calibration(), "wanda", blocks="transformer.h", include=["*.mlp.*"],

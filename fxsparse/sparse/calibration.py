@@ -8,22 +8,24 @@ Wanda reference code do). Only one block's activations (its inputs and outputs f
 block's statistics (Hessians for SparseGPT) are alive at a time, so depth does not raise the peak memory.
 
 Targets are ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2; weight stored as ``(in, out)``) inside the blocks.
-A model without a repeated stack (a plain MLP) is one block. The weights are changed IN PLACE.
+A model without a repeated stack (a plain MLP) is one block. A torch.fx GraphModule (what compile hands a pass)
+has no callable blocks: it is calibrated layer by layer, see graph_calibration.py. The weights are changed IN PLACE.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BadArgumentError
 from ..inputs import normalize_example_inputs
+from .graph_calibration import calibrate_graph, graph_targets
 from .sparsegpt import HessianStatistics, sparsegpt_prune
+from .targets import LinearTarget, linear_targets
 from .wanda import WandaStatistics, wanda_prune
 
 log = logging.getLogger(__name__)
@@ -42,64 +44,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise BadArgumentError(f"pattern {pattern!r}: need 0 < N < M")
     return n, m
-
-
-# -- targets ---------------------------------------------------------------------------------------------------
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return ()
-    return (Conv1D,)
-
-
-@dataclass
-class LinearTarget:
-    """One Linear-like layer: its weight's full parameter name, the module, and whether the weight is stored
-    ``(in, out)`` (Hugging Face Conv1D) rather than ``(out, in)``."""
-
-    name: str
-    module: nn.Module
-    transposed: bool
-
-    @property
-    def in_features(self) -> int:
-        return self.module.weight.shape[0 if self.transposed else 1]
-
-    def matrix(self) -> torch.Tensor:
-        """The weight as ``(out_features, in_features)`` (a copy)."""
-        weight = self.module.weight.detach()
-        return (weight.T if self.transposed else weight).clone()
-
-    def write(self, matrix: torch.Tensor) -> None:
-        """Write an ``(out, in)`` matrix back into the weight, in place."""
-        self.module.weight.data.copy_(matrix.T if self.transposed else matrix)
-
-    def layout(self, mask: torch.Tensor) -> torch.Tensor:
-        """An ``(out, in)`` mask in the weight's own layout."""
-        return (mask.T if self.transposed else mask).contiguous()
-
-
-def linear_targets(root: nn.Module, prefix: str, include: Iterable[str] | None, exclude: Iterable[str] | None,
-                   only: set[str] | None = None) -> list[LinearTarget]:
-    """The Linear-like layers under ``root`` whose weight name (``prefix`` + local name + ``.weight``) matches an
-    ``include`` glob (all if None), no ``exclude`` glob, and is in ``only`` when given."""
-    conv1d = _conv1d_class()
-    found = []
-    for local, module in root.named_modules():
-        if not isinstance(module, (nn.Linear, *conv1d)):
-            continue
-        name = ".".join(part for part in (prefix, local, "weight") if part)
-        if only is not None and name not in only:
-            continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, glob) for glob in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, glob) for glob in exclude):
-            continue
-        found.append(LinearTarget(name, module, transposed=isinstance(module, conv1d)))
-    return found
 
 
 # -- blocks ----------------------------------------------------------------------------------------------------
@@ -208,17 +152,13 @@ def calibrate_blocks(model: nn.Module, calibration: list, statistics: Callable[[
     if not isinstance(calibration, (list, tuple)) or not calibration:
         raise BadArgumentError("calibration must be a non-empty list of example inputs")
     samples = [normalize_example_inputs(example) for example in calibration]
+    if isinstance(model, fx.GraphModule) and blocks is None:  # a graph's train/eval behaviour is fixed in it
+        by_node = graph_targets(model, include, exclude, only)
+        _check_targets(list(by_node.values()), only, validate)
+        return calibrate_graph(model, samples, by_node, statistics, prune_block, progress)
     stack = find_blocks(model, blocks)
     targets = {name: linear_targets(block, name, include, exclude, only) for name, block in stack}
-    every_target = [t for block_targets in targets.values() for t in block_targets]
-    if not every_target:
-        raise BadArgumentError("no Linear or Conv1D weight to sparsify in the blocks (check include=/exclude=/blocks=)")
-    if only is not None:
-        missing = sorted(only - {t.name for t in every_target})
-        if missing:
-            raise BadArgumentError(f"targets {missing[:3]} are not Linear/Conv1D weights inside the calibrated blocks")
-    if validate is not None:
-        validate(every_target)
+    _check_targets([t for block_targets in targets.values() for t in block_targets], only, validate)
 
     training = model.training
     model.eval()
@@ -239,6 +179,18 @@ def calibrate_blocks(model: nn.Module, calibration: list, statistics: Callable[[
     finally:
         model.train(training)
     return masks
+
+
+def _check_targets(found: list[LinearTarget], only: set[str] | None, validate) -> None:
+    if only is not None:
+        missing = sorted(only - {t.name for t in found})
+        if missing:
+            raise BadArgumentError(f"targets {missing[:3]} are not Linear/Conv1D weights this engine calibrates "
+                                   "(inside the repeated blocks of an eager model; not a tied embedding)")
+    if not found:
+        raise BadArgumentError("no Linear or Conv1D weight to sparsify (check include=/exclude=/blocks=)")
+    if validate is not None:
+        validate(found)
 
 
 def _observe(block: nn.Module, inputs: list, observed: dict[str, LinearTarget], stats: dict[str, Statistics]):
@@ -288,7 +240,7 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def _check_groups(n_of_m: tuple[int, int] | None, blocksize: int | None = None):
+def check_pattern_fits(n_of_m: tuple[int, int] | None, blocksize: int | None = None):
     """A validator: every target's input width must split into groups of M (and SparseGPT's blocksize too)."""
 
     def validate(targets: list[LinearTarget]):
@@ -341,7 +293,7 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
         return masks
 
     return calibrate_blocks(model, calibration, statistics, prune_block, blocks, include, exclude, only, progress,
-                            validate=_check_groups(n_of_m, options.get("blocksize", 128) if criterion == "sparsegpt" else None))
+                            validate=check_pattern_fits(n_of_m, options.get("blocksize", 128) if criterion == "sparsegpt" else None))
 
 
 class CalibratedCriterion:

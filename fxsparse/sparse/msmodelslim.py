@@ -23,9 +23,10 @@ from torch import nn
 
 from ..errors import BadArgumentError
 from .calibration import (
-    LinearTarget, _check_groups, calibrate_blocks, magnitude_prune, sparsegpt_prune,
+    check_pattern_fits, calibrate_blocks, magnitude_prune, sparsegpt_prune,
 )
 from .sparsegpt import HessianStatistics
+from .targets import LinearTarget
 
 PROGRESSIVE_STEPS = 4
 NONUNIFORM_SPREAD = 0.1
@@ -80,7 +81,7 @@ class Compressor:
         for step in range(1, steps + 1):
             ratio = self.cfg.sparse_ratio * step / steps
             self.masks = calibrate_blocks(self.model, list(dataset), self._statistics, self._block_pruner(ratio),
-                                          progress=progress, validate=_check_groups(None))
+                                          progress=progress, validate=check_pattern_fits(None))
         return self.model
 
     def _statistics(self, target: LinearTarget):
@@ -116,7 +117,7 @@ def magnitude_sensitivity(weight: torch.Tensor, statistics: HessianStatistics, r
 def nonuniform_ratios(targets: list[LinearTarget], stats: dict, ratio: float) -> dict[str, float]:
     """Per-layer ratios around ``ratio``: less for sensitive layers, more for robust ones, same pruned count."""
     sensitivity = torch.tensor([magnitude_sensitivity(t.matrix(), stats[t.name], ratio) for t in targets])
-    sizes = torch.tensor([float(t.module.weight.numel()) for t in targets])
+    sizes = torch.tensor([float(t.parameter.numel()) for t in targets])
     spread = sensitivity.max() - sensitivity.min()
     if len(targets) < 2 or spread <= 0:
         return {t.name: ratio for t in targets}

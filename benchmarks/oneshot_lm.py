@@ -1,0 +1,153 @@
+"""One-shot pruning of a small trained language model: validation perplexity dense / magnitude / Wanda / SparseGPT.
+
+    python benchmarks/oneshot_lm.py                  # trains for --minutes (default 4) on this CPU, then prunes
+    python benchmarks/oneshot_lm.py --quick          # a smoke run: a tiny model, a few steps
+
+No weights or data are downloaded: a byte-level GPT-2 (Hugging Face ``GPT2LMHeadModel`` from a small config, random
+init, fixed seed) is trained on the Python standard library's own source files, the last 10% of the bytes held out
+for validation. The trained model is then pruned one-shot at 50% unstructured and at 2:4, every Linear-like layer
+inside its transformer blocks (as the SparseGPT and Wanda papers do: embeddings and the LM head stay dense), with
+calibration windows drawn from the training split, and each pruned copy's validation perplexity is printed beside
+the published LLaMA-2-7B 2:4 figures for context.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import pathlib
+import random
+import time
+
+import torch
+from tabulate import tabulate
+
+from fxsparse.sparse.calibration import sparsify_sequential
+
+PUBLISHED_LLAMA2_7B_2_4 = {"dense": 5.1, "magnitude": 54.6, "wanda": 11.0, "sparsegpt": 10.2}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PATTERNS = (("50% unstructured", "unstructured"), ("2:4", "2:4"))
+
+
+def stdlib_bytes(limit: int) -> torch.Tensor:
+    """The first ``limit`` bytes of the standard library's .py files, in sorted path order."""
+    root = pathlib.Path(os.__file__).parent
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return torch.tensor(list(b"".join(chunks)[:limit]), dtype=torch.long)
+
+
+def build_model(width: int, layers: int, context: int):
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=256, n_embd=width, n_layer=layers, n_head=max(1, width // 32), n_positions=context,
+        n_inner=4 * width, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def windows(data: torch.Tensor, starts, context: int) -> torch.Tensor:
+    return torch.stack([data[s:s + context] for s in starts])
+
+
+def train(model, data, context, batch, minutes, max_steps, seed) -> tuple[int, float]:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    deadline, step, loss = time.time() + 60 * minutes, 0, float("nan")
+    while step < max_steps and time.time() < deadline:
+        lr = 3e-3 * min(1.0, (step + 1) / 50)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(data) - context, (batch,), generator=generator)
+        ids = windows(data, starts.tolist(), context)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            print(f"step {step}: train loss {loss.item():.3f} nats/byte", flush=True)
+    model.eval()
+    return step, loss.item()
+
+
+@torch.no_grad()
+def perplexity(model, data, context, batches) -> float:
+    """exp(mean next-byte NLL) over non-overlapping validation windows."""
+    starts = list(range(0, len(data) - context, context))
+    total, count = 0.0, 0
+    for chunk in range(0, len(starts), batches):
+        ids = windows(data, starts[chunk:chunk + batches], context)
+        total += model(input_ids=ids, labels=ids).loss.item() * ids.numel()
+        count += ids.numel()
+    return math.exp(total / count)
+
+
+def main(argv=None) -> list[list]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    parser.add_argument("--steps", type=int, default=100_000, help="training step limit")
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bytes", type=int, default=2_000_000, help="bytes of standard-library source used")
+    parser.add_argument("--validation-bytes", type=int, default=32_768,
+                        help="validation bytes scored (the split's start), to bound evaluation time on a CPU")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration windows (in batches of 8)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 3 steps, small data")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes, args.steps, args.width, args.layers, args.context = 1.0, 3, 32, 2, 32
+        args.bytes, args.calibration, args.batch, args.validation_bytes = 40_000, 8, 4, 4_000
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    data = stdlib_bytes(args.bytes)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:][:args.validation_bytes]
+    model = build_model(args.width, args.layers, args.context)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{parameters:,} parameters; {len(train_data):,} training and {len(val_data):,} validation bytes")
+    start = time.time()
+    steps, loss = train(model, train_data, args.context, args.batch, args.minutes, args.steps, args.seed)
+    print(f"trained {steps} steps in {time.time() - start:.0f} s; last train loss {loss:.3f}")
+
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    starts = torch.randint(0, len(train_data) - args.context, (args.calibration,), generator=generator).tolist()
+    calibration = [{"input_ids": windows(train_data, starts[i:i + 8], args.context)}
+                   for i in range(0, len(starts), 8)]
+    dense = perplexity(model, val_data, args.context, args.batch)
+    rows = []
+    for label, pattern in PATTERNS:
+        row = [label, dense]
+        for method in METHODS:
+            pruned = copy.deepcopy(model)
+            began = time.time()
+            masks = sparsify_sequential(pruned, calibration, method, pattern, sparsity=0.5, progress=False)
+            zeros = sum((~m).sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
+            ppl = perplexity(pruned, val_data, args.context, args.batch)
+            print(f"{label} {method}: {time.time() - began:.1f} s, {zeros:.1%} of {len(masks)} weights zero, "
+                  f"validation perplexity {ppl:.3f}", flush=True)
+            row.append(ppl)
+        rows.append(row)
+    published = ["LLaMA-2-7B 2:4 (published, wikitext2)"] + [PUBLISHED_LLAMA2_7B_2_4[k] for k in ("dense", *METHODS)]
+    print(tabulate(rows + [published], headers=["pattern", "dense", *METHODS], floatfmt=".3f"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
