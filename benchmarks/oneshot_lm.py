@@ -1,6 +1,6 @@
 """One-shot pruning of a small trained language model: validation perplexity dense / magnitude / Wanda / SparseGPT.
 
-    python benchmarks/oneshot_lm.py                  # trains for --minutes (default 4) on this CPU, then prunes
+    python benchmarks/oneshot_lm.py                  # trains for --minutes (default 10) on this CPU, then prunes
     python benchmarks/oneshot_lm.py --quick          # a smoke run: a tiny model, a few steps
 
 No weights or data are downloaded: a byte-level GPT-2 (Hugging Face ``GPT2LMHeadModel`` from a small config, random
@@ -27,6 +27,7 @@ from fxsparse.sparse.calibration import sparsify_sequential
 
 PUBLISHED_LLAMA2_7B_2_4 = {"dense": 5.1, "magnitude": 54.6, "wanda": 11.0, "sparsegpt": 10.2}
 METHODS = ("magnitude", "wanda", "sparsegpt")
+PEAK_LR = 3e-3
 PATTERNS = (("50% unstructured", "unstructured"), ("2:4", "2:4"))
 
 
@@ -59,12 +60,16 @@ def windows(data: torch.Tensor, starts, context: int) -> torch.Tensor:
 
 
 def train(model, data, context, batch, minutes, max_steps, seed) -> tuple[int, float]:
+    """AdamW, 50 warm-up steps, then a cosine decay over whichever budget (steps or minutes) runs out first."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=0.01)
     model.train()
-    deadline, step, loss = time.time() + 60 * minutes, 0, float("nan")
-    while step < max_steps and time.time() < deadline:
-        lr = 3e-3 * min(1.0, (step + 1) / 50)
+    began, step, loss = time.time(), 0, float("nan")
+    while True:
+        progress = max(step / max_steps, (time.time() - began) / (60 * minutes))
+        if progress >= 1:
+            break
+        lr = PEAK_LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(data) - context, (batch,), generator=generator)
@@ -75,7 +80,7 @@ def train(model, data, context, batch, minutes, max_steps, seed) -> tuple[int, f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % 25 == 0:
+        if step % 100 == 0:
             print(f"step {step}: train loss {loss.item():.3f} nats/byte", flush=True)
     model.eval()
     return step, loss.item()
@@ -95,16 +100,16 @@ def perplexity(model, data, context, batches) -> float:
 
 def main(argv=None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     parser.add_argument("--steps", type=int, default=100_000, help="training step limit")
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--bytes", type=int, default=2_000_000, help="bytes of standard-library source used")
     parser.add_argument("--validation-bytes", type=int, default=32_768,
                         help="validation bytes scored (the split's start), to bound evaluation time on a CPU")
-    parser.add_argument("--calibration", type=int, default=32, help="calibration windows (in batches of 8)")
+    parser.add_argument("--calibration", type=int, default=64, help="calibration windows (in batches of 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 3 steps, small data")

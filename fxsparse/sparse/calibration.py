@@ -107,6 +107,10 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, samples: list
                 model(*args, **kwargs)
             except _StopForward:
                 continue
+            except Exception as error:  # nothing is pruned yet: a bad calibration input is the user's to fix
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise BadArgumentError(f"a calibration input fails in the model's forward: "
+                                       f"{type(error).__name__}: {message}") from error
             raise BadArgumentError("the model's forward never reached its first block: pass blocks= explicitly")
     finally:
         handle.remove()
