@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import BadArgumentError
 from .calibration import (
-    check_pattern_fits, calibrate_blocks, magnitude_prune, sparsegpt_prune,
+    calibrate_blocks, magnitude_prune, sparsegpt_prune,
 )
 from .sparsegpt import HessianStatistics
 from .targets import LinearTarget
@@ -81,7 +81,7 @@ class Compressor:
         for step in range(1, steps + 1):
             ratio = self.cfg.sparse_ratio * step / steps
             self.masks = calibrate_blocks(self.model, list(dataset), self._statistics, self._block_pruner(ratio),
-                                          progress=progress, validate=check_pattern_fits(None))
+                                          progress=progress)
         return self.model
 
     def _statistics(self, target: LinearTarget):

@@ -20,8 +20,6 @@ import torch
 class HessianStatistics:
     """Accumulates ``H = 2 X^T X / n`` for one Linear-like layer (n = calibration tokens seen)."""
 
-    needs_activations = True
-
     def __init__(self, in_features: int):
         self.sum_outer = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.tokens = 0

@@ -13,8 +13,6 @@ import torch
 class WandaStatistics:
     """Accumulates the squared L2 norm of every input feature of one Linear-like layer over calibration tokens."""
 
-    needs_activations = True
-
     def __init__(self, in_features: int):
         self.squared_norms = torch.zeros(in_features, dtype=torch.float64)
         self.tokens = 0
