@@ -193,6 +193,47 @@ def test_a_compiled_graph_module_is_calibrated_layer_by_layer(kind):
             WandaCriterion(progress=False).compute_masks(graph, ["transformer.wte.weight"], "2:4", calibration())
 
 
+def test_each_graph_layer_is_calibrated_on_what_the_pruned_graph_feeds_it():
+    import fxsparse
+    from fxsparse.sparse.calibration import calibrate_blocks
+    from fxsparse.sparse.graph_calibration import graph_targets, input_of
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def add_batch(self, inputs):
+            self.batches.append(inputs.clone())
+
+    model, inputs = tiny_hf_model("llama")
+    graph = fxsparse.trace(model, inputs).module
+    recorders = {}
+
+    def prune_block(_name, targets, stats):
+        (target,) = targets
+        recorders[target.name] = stats[target.name]
+        weight, keep = magnitude_prune(target.matrix(), None, 0.5)
+        target.write(weight)
+        return {target.name: target.layout(keep)}
+
+    batches = calibration()
+    calibrate_blocks(graph, batches, lambda _target: Recorder(), prune_block, progress=False)
+    by_node = graph_targets(graph)
+    assert sorted(recorders) == sorted(t.name for t in by_node.values())
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, node):
+            if node in by_node:
+                seen[by_node[node].name] = self.env[input_of(node, by_node[node])].clone()
+            return super().run_node(node)
+
+    seen = {}
+    with torch.no_grad():
+        Capture(graph).run(*fxsparse.graph_utils.placeholder_values(graph, (), batches[-1]))
+    for name, recorder in recorders.items():
+        torch.testing.assert_close(recorder.batches[-1], seen[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_include_exclude_and_explicit_blocks():
     model, _ = tiny_hf_model("gpt2")
     masks = sparsify_sequential(model, calibration(), "wanda", blocks="transformer.h", include=["*.mlp.*"],
