@@ -98,6 +98,22 @@ def perplexity(model, data, context, batches) -> float:
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def feature_outliers(model, calibration) -> list[float]:
+    """Per pruned layer, the largest input feature's L2 norm over the median feature's, on the calibration data:
+    Wanda's score differs from magnitude's only as far as this is far from 1 (LLMs show features 100x the rest)."""
+    norms = {}
+    hooks = [module.register_forward_pre_hook(
+        lambda _m, args, name=name: norms.__setitem__(name, norms.get(name, 0) + args[0].reshape(-1, args[0].shape[-1])
+                                                      .square().sum(0)))
+             for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    for batch in calibration:
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    return [(n.sqrt().max() / n.sqrt().median()).item() for n in norms.values()]
+
+
 def main(argv=None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training time budget")
@@ -136,6 +152,9 @@ def main(argv=None) -> list[list]:
     calibration = [{"input_ids": windows(train_data, starts[i:i + 8], args.context)}
                    for i in range(0, len(starts), 8)]
     dense = perplexity(model, val_data, args.context, args.batch)
+    ratios = sorted(feature_outliers(model, calibration))
+    print(f"input features, largest/median L2 norm per layer: median {ratios[len(ratios) // 2]:.1f}, "
+          f"max {ratios[-1]:.1f}")
     rows = []
     for label, pattern in PATTERNS:
         row = [label, dense]
