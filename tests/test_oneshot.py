@@ -170,13 +170,25 @@ def test_criterion_classes_follow_the_registry_interface():
     assert (~masks[targets[0]]).sum().item() == masks[targets[0]].numel() // 4
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_a_compiled_graph_module_is_calibrated_layer_by_layer(kind):
-    """What fxsparse.compile hands a pass: an export graph, weights as get_attr nodes, no callable blocks."""
+_TRACED: dict = {}
+
+
+def traced(kind):
+    """(model, inputs, graph): a fresh copy of a tiny HF model's export graph (traced once per kind: tracing is slow)."""
+    import copy
+
     import fxsparse
 
     model, inputs = tiny_hf_model(kind)
-    graph = fxsparse.trace(model, inputs).module
+    if kind not in _TRACED:
+        _TRACED[kind] = fxsparse.trace(model, inputs).module
+    return model, inputs, copy.deepcopy(_TRACED[kind])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_compiled_graph_module_is_calibrated_layer_by_layer(kind):
+    """What fxsparse.compile hands a pass: an export graph, weights as get_attr nodes, no callable blocks."""
+    model, inputs, graph = traced(kind)
     linear = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
     targets = [f"{n}.weight" for n in linear if n != "lm_head"]
     masks = SparseGPTCriterion(sparsity=0.5, progress=False).compute_masks(graph, targets, "2:4", calibration())
@@ -205,8 +217,7 @@ def test_each_graph_layer_is_calibrated_on_what_the_pruned_graph_feeds_it():
         def add_batch(self, inputs):
             self.batches.append(inputs.clone())
 
-    model, inputs = tiny_hf_model("llama")
-    graph = fxsparse.trace(model, inputs).module
+    _model, _inputs, graph = traced("llama")
     recorders = {}
 
     def prune_block(_name, targets, stats):
