@@ -17,8 +17,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibration(vocab=100, batches=2):
-    return [token_inputs(vocab) | {"input_ids": torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(i))}
-            for i in range(batches)]
+    """Token batches; the last one padded (its attention mask ends in zeros), so masks must reach every block."""
+    examples = [token_inputs(vocab) | {"input_ids": torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(i))}
+                for i in range(batches)]
+    examples[-1]["attention_mask"][:, -2:] = 0
+    return examples
 
 
 def weights(model):
@@ -94,11 +97,12 @@ def test_sparsegpt_reconstructs_a_layer_better_than_magnitude_and_wanda(pattern)
     assert errors["wanda"] < errors["magnitude"], errors  # outlier-scaled features: Wanda's edge shows
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 def test_each_block_is_calibrated_on_the_outputs_of_the_pruned_blocks_before_it(kind):
     """What the engine feeds each block equals what the final (pruned) model feeds it in a real forward."""
     model, _ = tiny_hf_model(kind)
-    stack = model.transformer.h if kind == "gpt2" else model.model.layers
+    stack = {"gpt2": lambda: model.transformer.h, "llama": lambda: model.model.layers,
+             "bert": lambda: model.encoder.layer}[kind]()
     seen: dict[int, list] = {}
     hooks = [block.register_forward_pre_hook(lambda _m, args, kwargs, i=i: seen.setdefault(i, []).append(
         (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True) for i, block in enumerate(stack)]

@@ -169,6 +169,7 @@ def calibrate_blocks(model: nn.Module, calibration: list, statistics: Callable[[
     masks: dict[str, torch.Tensor] = {}
     try:
         inputs = capture_block_inputs(model, stack[0][1], samples)
+        _next_inputs(*inputs[0], _main_tensor(stack[0][1](*inputs[0][0], **inputs[0][1])))  # fails before pruning
         for name, block in tqdm(stack, desc="calibrating blocks", unit="block", disable=not progress):
             block_targets = targets[name]
             stats = {t.name: statistics(t) for t in block_targets}
