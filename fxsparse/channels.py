@@ -6,8 +6,9 @@ move labels from inputs to outputs and record facts about them:
 
 - ``tie(a, b)``: index k of ``a`` and index k of ``b`` must be removed together (a residual add, the in-channels of
   a conv and the out-channels of the layer feeding it);
-- ``fix(a)``: these channels cannot be removed (they reach a model output, a normalisation over channels, an op
-  without a rule);
+- ``fix(a, blocks)``: these channels cannot be re-indexed in the ways ``blocks`` names (see :data:`REMOVE`,
+  :data:`REORDER`, :data:`REPEAT`): a model output or an op without a rule blocks everything; a normalisation over
+  channels blocks removal, yet a reordering keeps its statistics;
 - ``factor(base, outer, inner)``: ``base`` viewed as an ``(len(outer), len(inner))`` grid, as a view into heads
   does; a base channel survives iff its outer and its inner index survive, which keeps every reshape valid;
 - parameter dimensions get one canonical label array each, so a weight used twice (tied embeddings) is tied for free.
@@ -26,6 +27,11 @@ import torch
 Labels = Optional[torch.Tensor]  # int64, one label per index of a dimension; None = opaque
 
 PRODUCE, CONSUME, FOLLOW = "produce", "consume", "follow"
+
+# What a fix blocks: every structural pass re-indexes channels by one kind of index map (see fxsparse.index_map).
+REMOVE, REORDER, REPEAT = 1, 2, 4  # keep a subset (shrink), permute (channel permutation), duplicate (width growth)
+ALL = REMOVE | REORDER | REPEAT
+OPERATIONS = {"remove": REMOVE, "reorder": REORDER, "repeat": REPEAT}
 SCALE = "scale"  # a normalisation's per-channel scale (BatchNorm gamma): what BN-scale importance reads
 
 
@@ -63,11 +69,13 @@ class ChannelGraph:
         self.n_labels = 0
         self.spaces: list[Space] = []
         self.ties: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.fixed: list[torch.Tensor] = []
+        self.fixed: list[tuple[torch.Tensor, int]] = []  # (labels, the operations the fix blocks)
         self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.members: dict[tuple[str, int], Member] = {}
         self.member_shapes: dict[str, tuple[int, ...]] = {}
         self.barriers: list[Barrier] = []
+        # Label arrays whose channels may only be repeated all alike (a LayerNorm's statistics run over them).
+        self.uniform: list[torch.Tensor] = []
         # Labels produced by a weight that is not a plain parameter (computed in the graph): never provably zero.
         self.unverifiable_producers: list[torch.Tensor] = []
         # Nodes that contract a channel dim (fxsparse.rules.layers.Consumer): where removed channels' constants land.
@@ -113,9 +121,10 @@ class ChannelGraph:
             raise ValueError(f"cannot tie label arrays of lengths {len(a)} and {len(b)}")
         self.ties.append((a, b))
 
-    def fix(self, labels: Labels) -> None:
+    def fix(self, labels: Labels, blocks: int = ALL) -> None:
+        """``labels`` cannot take part in the re-indexings ``blocks`` names (a bit set of REMOVE, REORDER, REPEAT)."""
         if labels is not None:
-            self.fixed.append(labels)
+            self.fixed.append((labels, blocks))
 
     def factor(self, base: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor) -> None:
         if len(base) != len(outer) * len(inner):
@@ -210,31 +219,43 @@ class ChannelAnalysis:
 
     # -- fixed channels ---------------------------------------------------------------------------------------
     def _fix(self, graph: ChannelGraph) -> None:
+        """``blocked``: per component root, the operations some fix forbids. A blocked derived component blocks the
+        same operations on all of its factors (a fixed head-dim fixes its head); iterate, factors may be factored."""
         comp = self.component
-        fixed = torch.zeros(self.n_labels, dtype=torch.bool)
-        for labels in graph.fixed:
-            fixed[comp[labels]] = True
-        # A fixed derived component keeps all of its factors; that can fix more derived components: iterate.
+        blocked = torch.zeros(self.n_labels, dtype=torch.long)
+        for labels, blocks in graph.fixed:
+            roots = comp[labels]
+            blocked[roots] = blocked[roots] | blocks
+        for member in graph.members.values():
+            if PRODUCE in member.roles and CONSUME in member.roles:
+                # one tensor both makes and reads these channels (an embedding tied to an LM head): a copy would
+                # need its rows duplicated and split at once
+                roots = comp[member.labels]
+                blocked[roots] = blocked[roots] | REPEAT
         factored = torch.nonzero(self.factor_of[:, 0] >= 0).flatten()
         for _ in range(32):
-            hit = factored[fixed[comp[factored]]]
-            outer_inner = torch.cat([self.factor_of[hit, 0], self.factor_of[hit, 1]])
-            newly = ~fixed[comp[outer_inner]]
-            if not newly.any():
+            hit = factored[blocked[comp[factored]] != 0]
+            factor_roots = comp[torch.cat([self.factor_of[hit, 0], self.factor_of[hit, 1]])]
+            bits = blocked[comp[hit]].repeat(2)
+            before = blocked.clone()
+            for bit in (REMOVE, REORDER, REPEAT):
+                blocked[factor_roots[(bits & bit) != 0]] |= bit
+            if torch.equal(before, blocked):
                 break
-            fixed[comp[outer_inner[newly]]] = True
-        self.fixed_component = fixed
+        self.blocked_component = blocked
+        self.fixed_component = (blocked & REMOVE) != 0
 
     # -- units and groups -------------------------------------------------------------------------------------
-    def channel_units(self, include_fixed: bool = False) -> torch.Tensor:
+    def channel_units(self, include_fixed: bool = False, operation: int = REMOVE) -> torch.Tensor:
         """Component roots that are channels: produced by some weight, or a factor (a head, a group) of such
         channels. A parameter dim nobody produces (an embedding table's rows, a kernel's taps) is no channel.
-        Fixed channels are left out unless ``include_fixed`` (a new, smaller model may drop them)."""
+        Channels a fix blocks for ``operation`` (REMOVE, REORDER or REPEAT) are left out unless ``include_fixed``
+        (a new, smaller model may drop them)."""
         comp = self.component
         roots = torch.unique(comp)
         roots = roots[~self.derived_component[roots]]
         if not include_fixed:
-            roots = roots[~self.fixed_component[roots]]
+            roots = roots[(self.blocked_component[roots] & operation) == 0]
         produced = torch.zeros(self.n_labels, dtype=torch.bool)
         for member in self.graph.members.values():
             if PRODUCE in member.roles:

@@ -85,17 +85,25 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
             weight = state.get(f"{record['owner']}.weight", own.get(f"{record['owner']}.weight"))
             state[record["name"]] = torch.zeros(_out_width(model.get_submodule(record["owner"])) if weight.dim() == 2
                                                 else weight.shape[0], dtype=weight.dtype)
+    # weights a sparsity mask changed keep their shape; they are replaced too, once for all names of a shared one
+    masked = {id(own[name]) for name in plan.masks if name in own}
+    replaced: dict[int, torch.Tensor] = {}
     for name, value in state.items():
-        if name in own and own[name].shape == value.shape and name not in made:
+        if name in own and own[name].shape == value.shape and name not in made and id(own[name]) not in masked:
             continue
         if name not in own and name not in made:
             continue  # a border correction's kernel: moved with its module below
         old = own.get(name)
+        if old is not None and id(old) in replaced:
+            set_attr_value(model, name, replaced[id(old)])
+            continue
         requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
         tensor = value.detach().clone()
         if isinstance(old, nn.Parameter) or old is None:
             tensor = nn.Parameter(tensor, requires_grad=requires_grad)
         set_attr_value(model, name, tensor)
+        if old is not None:
+            replaced[id(old)] = tensor
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:

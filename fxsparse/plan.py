@@ -1,11 +1,13 @@
 """The plan: every decision fxsparse made, as JSON, re-applicable to a fresh instance of the same model.
 
-A structural decision is recorded per parameter: which indices of which dimension are kept. That form does not
+A structural decision is recorded per parameter: for each dimension the rewrite re-indexed, which old index each
+new index holds (a sorted subset when channels are removed, a permutation when reordered, repeats when grown). That form does not
 depend on how the dependency analysis numbers its groups, so a plan written by one fxsparse version can be checked
 and re-applied by another, and a person can read it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import platform
 from dataclasses import dataclass, field
@@ -25,6 +27,27 @@ def _version() -> str:
     return __version__
 
 
+def pack_bits(keep: torch.Tensor) -> str:
+    """A bool tensor as base64 text, 8 entries a byte (row-major): a 4096 x 4096 mask is 2.8 MB of JSON."""
+    flat = keep.detach().flatten().to(torch.uint8).cpu()
+    padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (padded * weights).sum(dim=1, dtype=torch.uint8)
+    return base64.b64encode(packed.numpy().tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, shape: list[int]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    bits = raw.unsqueeze(1).bitwise_right_shift(torch.arange(7, -1, -1, dtype=torch.uint8)).bitwise_and(1)
+    count = 1
+    for size in shape:
+        count *= size
+    if bits.numel() < count:
+        raise PlanMismatchError(f"a recorded mask holds {bits.numel()} bits, its shape {shape} needs {count}")
+    return bits.flatten()[:count].bool().reshape(shape)
+
+
 @dataclass
 class Plan:
     """``kept[param][dim] = sorted kept indices``; ``shapes_before`` lets a fresh model be checked against it."""
@@ -35,19 +58,59 @@ class Plan:
     shapes_before: dict[str, list[int]] = field(default_factory=dict)
     shapes_after: dict[str, list[int]] = field(default_factory=dict)
     kept: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # Per kept entry that consumes copied channels (width growth): the factor each new index is scaled by.
+    scales: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)
     folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
     inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
     extra: dict[str, Any] = field(default_factory=dict)
+    # weight sparsity: param -> {"shape", "bits" (packed keep-mask, base64), and what made it: pattern, layout...}
+    masks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
         self.passes.append({"name": name, "settings": settings})
 
-    def record_kept(self, param: str, dim: int, kept: list[int]) -> None:
+    def record_kept(self, param: str, dim: int, kept: list[int], scale: list[float] | None = None) -> None:
+        """Index ``i`` of ``param``'s new dimension ``dim`` is old index ``kept[i]`` (a subset when channels are
+        removed, a permutation when reordered, with repeats when grown), times ``scale[i]`` when given. Composed
+        with what earlier rewrites recorded, so the entry always maps the original model to the latest one."""
         previous = self.kept.setdefault(param, {}).get(dim)
-        if previous is not None:  # a second shrink keeps a subset of the first one's survivors
+        previous_scale = self.scales.get(param, {}).get(dim)
+        if previous is not None:
+            if previous_scale is not None:
+                old_scale = [previous_scale[i] for i in kept]
+                scale = [a * b for a, b in zip(old_scale, scale)] if scale is not None else old_scale
             kept = [previous[i] for i in kept]
         self.kept[param][dim] = list(kept)
+        if scale is not None:
+            self.scales.setdefault(param, {})[dim] = list(scale)
+
+    @property
+    def is_permutation_or_growth(self) -> bool:
+        """Whether some recorded index map reorders or repeats indices (not a plain sorted subset)."""
+        return any(list(k) != sorted(set(k)) for dims in self.kept.values() for k in dims.values())
+
+    def record_mask(self, param: str, keep: torch.Tensor, **info: Any) -> None:
+        """Record a weight's keep-mask (a later mask of the same weight replaces it), packed 8 entries a byte."""
+        self.masks[param] = {**info, "shape": list(keep.shape), "bits": pack_bits(keep)}
+
+    def sparsity_masks(self, final: bool = True) -> dict[str, torch.Tensor]:
+        """``{param: bool keep-mask}`` of every recorded mask, in the parameter's planned final shape (a mask made
+        before a shrink is cut to the indices the shrink kept), or with ``final=False`` as it was recorded."""
+        masks = {}
+        for param, entry in self.masks.items():
+            keep = unpack_bits(entry["bits"], entry["shape"])
+            if final and entry["shape"] != self.shapes_after.get(param, entry["shape"]):
+                for dim, index in self.kept.get(param, {}).items():
+                    keep = keep.index_select(dim, torch.tensor(index, dtype=torch.long))
+            masks[param] = keep
+        return masks
+
+    def masks_before_shrink(self) -> set[str]:
+        """The masked weights whose mask was made before a shrink changed their shape: a replay applies those masks
+        before the structural changes, in the order the compile ran them."""
+        return {param for param, entry in self.masks.items()
+                if entry["shape"] == self.shapes_before.get(param) != self.shapes_after.get(param)}
 
     @property
     def is_structural(self) -> bool:
@@ -65,10 +128,12 @@ class Plan:
             "shapes_before": self.shapes_before,
             "shapes_after": self.shapes_after,
             "kept": {p: {str(d): k for d, k in dims.items()} for p, dims in self.kept.items()},
+            "scales": {p: {str(d): k for d, k in dims.items()} for p, dims in self.scales.items()},
             "groups": self.groups,
             "folds": self.folds,
             "inputs": self.inputs,
             "extra": self.extra,
+            "masks": self.masks,
         }
 
     @classmethod
@@ -82,10 +147,12 @@ class Plan:
             shapes_before={k: list(v) for k, v in data.get("shapes_before", {}).items()},
             shapes_after={k: list(v) for k, v in data.get("shapes_after", {}).items()},
             kept={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("kept", {}).items()},
+            scales={p: {int(d): list(k) for d, k in dims.items()} for p, dims in data.get("scales", {}).items()},
             groups=list(data.get("groups", [])),
             folds=list(data.get("folds", [])),
             inputs=dict(data.get("inputs", {})),
             extra=dict(data.get("extra", {})),
+            masks={p: dict(entry) for p, entry in data.get("masks", {}).items()},  # absent from older plans
         )
 
     def to_json(self) -> str:

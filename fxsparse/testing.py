@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .analysis import reorder_domains
+from .channels import REORDER
+from .index_map import IndexMap
 from .masks import masks_for_units, random_units
 from .shapes import propagate_shapes
 from .trace import trace
@@ -39,7 +42,7 @@ def randomize_constants(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
 
 def channel_facts(model: torch.nn.Module, example, frontend: str = "auto", **trace_options):
     """What DependencyGroups finds in ``model``: groups, units, barriers (see fxsparse.passes.dependency_groups)."""
-    from fxsparse.passes.dependency_groups import analyse_channels
+    from fxsparse.analysis import analyse_channels
 
     traced = trace(model, example, frontend=frontend, **trace_options)
     if not traced.shapes:  # tracing left no values on the nodes
@@ -51,3 +54,20 @@ def random_unit_masks(facts, fraction: float = 0.5, seed: int = 0) -> dict[str, 
     """Masks removing ``fraction`` of the units of every group, at random (what a structured pruner decides)."""
     units = random_units(facts.groups, fraction, torch.Generator().manual_seed(seed))
     return masks_for_units(facts.analysis, units)
+
+
+def random_reorder(facts, seed: int = 0):
+    """A random permutation of every group of reorderable units, within each domain (see
+    fxsparse.analysis.reorder_domains): an IndexMap that must change no output, for checking the rewrite."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = facts.groups_for(REORDER)
+    units = torch.cat([g.units for g in groups]) if groups else torch.empty(0, dtype=torch.long)
+    domains = reorder_domains(facts, units)
+    slots, sources = [], []
+    for domain in torch.unique(domains):
+        members = units[domains == domain]
+        slots.append(members)
+        sources.append(members[torch.randperm(len(members), generator=generator)])
+    if not slots:
+        return IndexMap.identity(facts.analysis)
+    return IndexMap.permutation(facts.analysis, torch.cat(slots), torch.cat(sources))

@@ -277,7 +277,7 @@ class _Coupling:
     interchangeable ones, and how many indices of a tensor dim one unit of a group takes with it (its width)."""
 
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, frontend: str):
-        from fxsparse.passes.dependency_groups import analyse_channels
+        from fxsparse.analysis import analyse_channels
 
         with _eval_mode(model):
             traced = trace_module(model, args, kwargs, frontend)

@@ -1,133 +1,16 @@
 """DependencyGroups: which channels must be removed together, from the op-rule table alone.
 
-Labels flow through the graph in topological order, each node's rule saying how (fxsparse.rules); the channel
-algebra (fxsparse.channels) then joins them into removable units and groups. A node without a rule, or whose rule
-cannot follow it, is a barrier: its channels are fixed and the report names it.
+The analysis itself is core (fxsparse.analysis), shared by every structural pass; this pass runs it, leaves the
+facts in ``ctx.facts["groups"]`` and reports the groups and the barriers.
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any
 
-import torch
-import torch.fx as fx
-
-from fxsparse.channels import PRODUCE, ChannelAnalysis, ChannelGraph
+from fxsparse.analysis import ChannelFacts, Group, analyse_channels  # noqa: F401 - re-exported for users
 from fxsparse.context import CompileContext
 from fxsparse.pass_manager import Pass
-from fxsparse.rules import rule_for
-from fxsparse.rules.base import RuleContext, _flat_labels, opaque_like
-
-
-@dataclass
-class Group:
-    """Channels of several tensors that are removed together, one unit at a time."""
-
-    id: int
-    kind: str  # "channels", "heads/groups" (outer factor), "per-head dims" (inner factor)
-    units: torch.Tensor  # component roots, see ChannelAnalysis
-    members: list[tuple[str, int]] = field(default_factory=list)
-    producers: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.units)
-
-
-@dataclass
-class ChannelFacts:
-    """What DependencyGroups leaves in ``ctx.facts["groups"]``."""
-
-    analysis: ChannelAnalysis
-    node_labels: dict[str, Any]
-    groups: list[Group]
-    fixed_members: int
-
-    @property
-    def graph(self) -> ChannelGraph:
-        return self.analysis.graph
-
-
-def propagate_labels(gm: fx.GraphModule) -> tuple[ChannelGraph, dict[fx.Node, Any]]:
-    """Run every node's rule in order; returns the channel graph and each node's output labels."""
-    graph = ChannelGraph()
-    env: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = opaque_like(node)
-            continue
-        if node.op == "output":
-            rc = RuleContext(node, gm, graph, env)
-            fx.node.map_arg(node.args, lambda n: rc.fix_all(env.get(n)))
-            continue
-        rule = rule_for(node, gm)
-        rc = RuleContext(node, gm, graph, env)
-        if rule is None:
-            if any(lab is not None for n in rc.tensor_args() for lab in _flat_labels(env.get(n))):
-                env[node] = rc.barrier("no rule for this op")
-            else:
-                env[node] = opaque_like(node)
-            continue
-        try:
-            env[node] = rule.labels(rc)
-        except Exception as error:  # noqa: BLE001 - an op used in a way its rule cannot follow is a barrier
-            env[node] = rc.barrier(f"rule {rule.name} cannot follow it ({type(error).__name__}: {error})"[:200])
-    return graph, env
-
-
-def build_groups(analysis: ChannelAnalysis) -> list[Group]:
-    """The groups of units, with the parameter dimensions each touches (see ``_touched_groups``)."""
-    if not len(analysis.units):
-        return []
-    order = torch.argsort(analysis.unit_group, stable=True)
-    group_ids, counts = torch.unique_consecutive(analysis.unit_group[order], return_counts=True)
-    units_by_group = dict(zip(group_ids.tolist(), torch.split(analysis.units[order], counts.tolist())))
-    kinds = analysis.group_kinds()
-    label_group = analysis.space_group[analysis.space_of]
-    factors = _component_factors(analysis)
-    members: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    producers: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    for member in analysis.graph.members.values():
-        for group in _touched_groups(analysis, member.labels, label_group, factors):
-            if group in units_by_group:
-                members[group].append((member.target, member.dim))
-                if PRODUCE in member.roles:
-                    producers[group].append((member.target, member.dim))
-    ordered = sorted(units_by_group.items(), key=lambda item: int(item[1].min()))
-    return [Group(gid, kinds[group], units, members[group], producers[group])
-            for gid, (group, units) in enumerate(ordered)]
-
-
-def _component_factors(analysis: ChannelAnalysis) -> torch.Tensor:
-    """Per label, the (outer, inner) labels its component is factored into, or (-1, -1)."""
-    factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
-    by_root = torch.full_like(analysis.factor_of, -1)
-    by_root[analysis.component[factored]] = analysis.factor_of[factored]
-    return by_root[analysis.component]
-
-
-def _touched_groups(analysis: ChannelAnalysis, labels: torch.Tensor, label_group: torch.Tensor,
-                    factors: torch.Tensor) -> list[int]:
-    """The groups whose units decide some of ``labels``: their own, and those of the factors their channels are
-    made of (an output projection's columns are heads x head-dims), down to factors of factors."""
-    touched: set[int] = set()
-    roots = seen = torch.unique(analysis.component[labels])
-    while len(roots):
-        touched.update(torch.unique(label_group[roots]).tolist())
-        deeper = factors[roots].flatten()
-        roots = torch.unique(analysis.component[deeper[deeper >= 0]])
-        roots = roots[~torch.isin(roots, seen)]
-        seen = torch.cat([seen, roots])
-    return sorted(touched)
-
-
-def analyse_channels(gm: fx.GraphModule) -> ChannelFacts:
-    graph, env = propagate_labels(gm)
-    analysis = graph.analyse()
-    groups = build_groups(analysis)
-    fixed = sum(1 for m in graph.members.values() if bool(analysis.fixed_component[analysis.component[m.labels]].all()))
-    return ChannelFacts(analysis, {n.name: labels for n, labels in env.items()}, groups, fixed)
 
 
 class DependencyGroups(Pass):

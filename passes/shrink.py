@@ -1,14 +1,13 @@
 """Shrink: physically remove the channels a decision removes, and emit a smaller GraphModule.
 
-Parameters are sliced along every dimension whose channels go; modules keep their class with their size
-attributes updated (symbolic frontend), and graph arguments that hold sizes (view shapes, split sizes, head counts
-in reshapes, conv groups) are rewritten by each op's rule. Constants carried by removed channels are folded into
-the consumers (fxsparse.residue). The result is checked against the expected shapes of every node, then against
-the masked model's outputs by the pass manager's verification.
+Removal is the subset case of the one structural rewrite (fxsparse.rewrite.reindex with IndexMap.removal):
+parameters are gathered, modules keep their class with their size attributes updated, and graph arguments that hold
+sizes are rewritten by each op's rule. What is particular to removal lives here: constants carried by removed
+channels are folded into the consumers (fxsparse.residue). The result is checked against the expected shapes of
+every node, then against the masked model's outputs by the pass manager's verification.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -17,78 +16,12 @@ import torch.fx as fx
 from fxsparse.context import CompileContext
 from fxsparse.errors import FxsparseError
 from fxsparse.graph_utils import get_attr_value, set_attr_value
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.index_map import IndexMap
 from fxsparse.metrics import count_parameters
 from fxsparse.modules import PaddedConstantCorrection
 from fxsparse.pass_manager import Pass
 from fxsparse.residue import Fold, settle_residues
-from fxsparse.shapes import propagate_shapes
-from fxsparse.rules import rule_for
-from fxsparse.rules.base import RewriteContext
-
-
-class ExpectedShapes:
-    """Each node's shape once the channels go: its old shape, every labelled dim counting its surviving labels."""
-
-    def __init__(self, old_nodes: dict[str, fx.Node], node_labels: dict[str, Any], keep: torch.Tensor):
-        self.old_nodes, self.node_labels, self.keep = old_nodes, node_labels, keep
-        self._survivors: dict[int, int] = {}  # by id: one label array is shared by every node its channels reach
-
-    def of(self, name: str) -> Any:
-        """The expected shape of node ``name`` (a tuple of shapes for a tuple output), None when unknown."""
-        node = self.old_nodes.get(name)
-        return self._shape(node.meta.get("val"), self.node_labels.get(name)) if node is not None else None
-
-    def _shape(self, value: Any, labels: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            if labels is None:
-                return tuple(value.shape)
-            return tuple(self._surviving(lab) if lab is not None else int(s) for s, lab in zip(value.shape, labels))
-        if isinstance(value, (tuple, list)) and isinstance(labels, tuple):
-            return tuple(self._shape(v, lab) for v, lab in zip(value, labels))
-        return None
-
-    def _surviving(self, labels: torch.Tensor) -> int:
-        count = self._survivors.get(id(labels))
-        if count is None:
-            count = self._survivors[id(labels)] = int(self.keep[labels].sum())
-        return count
-
-
-def _actual_shape(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)):
-        return tuple(_actual_shape(v) for v in value)
-    return None
-
-
-def slice_parameters(gm: fx.GraphModule, members, keep: torch.Tensor, aliases: dict[str, list[str]]) -> dict[str, dict[int, torch.Tensor]]:
-    """Slice every member tensor by the survival of its labels; returns kept indices per target and dim."""
-    kept: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for member in members:
-        alive = keep[member.labels]
-        if not bool(alive.all()):
-            kept[member.target][member.dim] = torch.nonzero(alive).flatten()
-    with torch.no_grad():
-        for target, dims in kept.items():
-            tensor = get_attr_value(gm, target)
-            sliced = tensor
-            for dim, index in dims.items():
-                sliced = select(sliced, dim, index)
-            if isinstance(tensor, torch.nn.Parameter):  # select made ``sliced`` a fresh tensor
-                sliced = torch.nn.Parameter(sliced, requires_grad=tensor.requires_grad)
-            for name in aliases.get(target, [target]):
-                set_attr_value(gm, name, sliced)
-    return kept
-
-
-def select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``tensor.index_select(dim, index)``. Along dim 0 it goes through a leading unit dim: torch's CPU kernel
-    copies whole inner rows then, which is some 50x faster on a conv or linear weight."""
-    if dim == 0:
-        return tensor.unsqueeze(0).index_select(1, index).squeeze(0)
-    return tensor.index_select(dim, index)
+from fxsparse.rewrite import reindex
 
 
 def layer_owner(node: fx.Node) -> str:
@@ -177,42 +110,6 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor,
     return rows, records
 
 
-def rewrite_nodes(gm: fx.GraphModule, expected: ExpectedShapes) -> None:
-    """Let each op's rule update the arguments and module attributes that hold sizes."""
-    old_nodes, node_labels, keep = expected.old_nodes, expected.node_labels, expected.keep
-
-    def old_shape(n: fx.Node):
-        value = old_nodes[n.name].meta.get("val") if n.name in old_nodes else None
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    def new_shape(n: fx.Node):
-        return expected.of(n.name)
-
-    for node in list(gm.graph.nodes):
-        if node.name not in old_nodes or node.op in ("placeholder", "output", "get_attr"):
-            continue
-        rule = rule_for(node, gm)
-        if rule is None:
-            continue
-        node.meta["val"] = old_nodes[node.name].meta.get("val")
-        wc = RewriteContext(node, gm, new_shape, old_shape, lambda lab: keep[lab],
-                            lambda n: node_labels.get(n.name))
-        rule.rewrite(wc)
-
-
-def check_shapes(gm: fx.GraphModule, expected_shapes: ExpectedShapes, args: tuple, kwargs: dict) -> None:
-    """Every node of the shrunk graph must have exactly the shape the channel analysis predicts."""
-    propagate_shapes(gm, args, kwargs)
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            continue
-        expected = expected_shapes.of(node.name)
-        got = _actual_shape(node.meta.get("val"))
-        if expected is not None and got is not None and expected != got:
-            raise FxsparseError(f"shrink produced {node.name} ({node.format_node()[:120]}) of shape {got}, "
-                                f"expected {expected}; this op's rule is wrong, please report it")
-
-
 class Shrink(Pass):
     """Remove the channels ``ctx.facts["removal"]`` names; the masked model is the reference it must match."""
 
@@ -229,18 +126,15 @@ class Shrink(Pass):
         removed, keep, folds, notes = settle_residues(
             masked, analysis, facts.graph.consumers, removed, ctx.args, ctx.kwargs, facts.node_labels)
         notes = empty_notes + notes
-        new = copy_sharing_tensors(masked)
-        old_nodes = {n.name: n for n in masked.graph.nodes}
-        kept = slice_parameters(new, facts.graph.members.values(), keep, facts.graph.aliases)
-        fold_rows, fold_records = apply_folds(new, folds, keep, facts.node_labels)
-        expected = ExpectedShapes(old_nodes, facts.node_labels, keep)
-        rewrite_nodes(new, expected)
-        new.graph.lint()
-        new.recompile()
-        check_shapes(new, expected, ctx.args, ctx.kwargs)
-        for target, dims in kept.items():
-            for dim, index in dims.items():
-                ctx.plan.record_kept(target, dim, index.tolist())
+        fold_rows, fold_records = [], []
+
+        def fold(new: fx.GraphModule) -> None:
+            rows, records = apply_folds(new, folds, keep, facts.node_labels)
+            fold_rows.extend(rows)
+            fold_records.extend(records)
+
+        new, _ = reindex(masked, facts, IndexMap.removal(analysis, removed), ctx.args, ctx.kwargs, ctx.plan,
+                         before_rewrite=fold)
         ctx.plan.folds.extend(fold_records)
         ctx.reference = masked
         ctx.module = new

@@ -249,6 +249,26 @@ def test_each_graph_layer_is_calibrated_on_what_the_pruned_graph_feeds_it():
         torch.testing.assert_close(recorder.batches[-1], seen[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind, criterion, pattern", [("gpt2", "sparsegpt", "2:4"), ("llama", "wanda", "unstructured")])
+def test_sparsify_pass_takes_the_calibrated_criteria(kind, criterion, pattern):
+    import fxsparse
+    from fxsparse import passes
+
+    model, inputs = tiny_hf_model(kind)
+    before = weights(model)
+    sparsity = {"sparsity": 0.5} if pattern == "unstructured" else {}
+    sparsify = passes.Sparsify(pattern=pattern, criterion=criterion, calibration=calibration(),
+                               include=["transformer.h", "model.layers"], **sparsity)
+    result = fxsparse.compile(model, inputs, passes=[sparsify])
+    linear = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D") and n != "lm_head"]
+    params = dict(result.module.named_parameters())
+    for name in linear:
+        assert (params[f"{name}.weight"] == 0).sum() == params[f"{name}.weight"].numel() // 2, name
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the user's model is untouched
+    with pytest.raises(BadArgumentError, match="calibration"):
+        passes.Sparsify(pattern="2:4", criterion=criterion)
+
+
 def test_include_exclude_and_explicit_blocks():
     model, _ = tiny_hf_model("gpt2")
     masks = sparsify_sequential(model, calibration(), "wanda", blocks="transformer.h", include=["*.mlp.*"],

@@ -14,6 +14,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .attention import Einsum, MatMul, ScaledDotProductAttention
+from fxsparse.channels import ALL
+
 from .base import Rule
 from .elementwise import (
     Barrier, Creation, Elementwise, FirstInputOnly, Like, MixesAlongDim, NoTensor, Reduction, Spatial,
@@ -53,12 +55,13 @@ FUNCTION_RULES.update({
                                "_set_grad_enabled".split()},
     # channel mixing along one dim
     "softmax": MixesAlongDim(1), "log_softmax": MixesAlongDim(1), "_softmax": MixesAlongDim(1),
-    "_log_softmax": MixesAlongDim(1), "cumsum": MixesAlongDim(1), "cumprod": MixesAlongDim(1),
-    "normalize": MixesAlongDim(2, "dim", 1), "glu": Barrier("glu gates one half of a dim with the other"), "logcumsumexp": MixesAlongDim(1),
+    "_log_softmax": MixesAlongDim(1), "cumsum": MixesAlongDim(1, blocks=ALL), "cumprod": MixesAlongDim(1, blocks=ALL),
+    "normalize": MixesAlongDim(2, "dim", 1), "glu": Barrier("glu gates one half of a dim with the other"), "logcumsumexp": MixesAlongDim(1, blocks=ALL),
     "tril": Spatial(2), "triu": Spatial(2),
     # reductions
-    **{n: Reduction() for n in "mean sum amax amin std var logsumexp prod all any norm argmax argmin max min "
-                                 "nansum nanmean var_mean std_mean".split()},
+    **{n: Reduction() for n in "mean sum amax amin std var logsumexp prod all any norm nansum nanmean var_mean "
+                                 "std_mean".split()},
+    **{n: Reduction(blocks=ALL) for n in "argmax argmin max min".split()},  # indices of channels come out
     # pooling, resizing, padding
     **{f"{p}_pool{k}d": Spatial(k) for p in ("avg", "max", "lp") for k in (1, 2, 3)},
     **{f"adaptive_{p}_pool{k}d": Spatial(k) for p in ("avg", "max") for k in (1, 2, 3)},
@@ -120,7 +123,7 @@ ATEN_OVERLOAD_RULES: dict[str, Rule] = {
     "aten.split_with_sizes.default": Split(1, 2, 0, replacement=aten.split_with_sizes.default),
     "aten.chunk.default": Split(1, 2, 0, replacement=aten.split_with_sizes.default),
     "aten.view.default": Reshape(1), "aten.reshape.default": Reshape(1), "aten.expand.default": Expand(1),
-    "aten.max.dim": Reduction(), "aten.min.dim": Reduction(),
+    "aten.max.dim": Reduction(blocks=ALL), "aten.min.dim": Reduction(blocks=ALL),
     "aten.conv_transpose1d.default": Conv("functional_transpose"),
     "aten.conv_transpose2d.input": Conv("functional_transpose"),
     "aten.conv_transpose3d.input": Conv("functional_transpose"),

@@ -5,7 +5,7 @@ import math
 
 import torch.fx as fx
 
-from fxsparse.channels import CONSUME, PRODUCE
+from fxsparse.channels import CONSUME, PRODUCE, REPEAT
 
 from .base import NodeLabels, RewriteContext, Rule, RuleContext
 from .elementwise import broadcast
@@ -55,6 +55,7 @@ class MatMul(Rule):
             out = tuple(a[:-1]) + (out_channels,)
         else:
             rc.tie(a[-1], b[-2])
+            rc.fix(a[-1], REPEAT)  # a sum over the products of two activations: copies would count twice
             if a[-1] is not None:
                 rc.graph.consumers.append(Consumer(rc.node.name, "matmul", self.first, len(a) - 1, a[-1]))
             out = tuple(_tie_batch(rc, a, b, sa, sb)) + (a[-2], b[-1])
@@ -83,6 +84,7 @@ class ScaledDotProductAttention(Rule):
         if len(q) < 3:
             return rc.barrier("attention without a head dim")
         rc.tie(q[-1], k[-1])
+        rc.fix(q[-1], REPEAT)  # q.k sums over head dims: a copied dim would count twice (whole heads can be copied)
         if q[-1] is not None:
             rc.graph.consumers.append(Consumer(rc.node.name, "attention", 0, len(q) - 1, q[-1]))
         rc.tie(k[-2], v[-2])
@@ -135,6 +137,9 @@ class Einsum(Rule):
                     rc.fix(lab)
                     continue
                 by_letter[letter] = rc.tie(by_letter[letter], lab) if letter in by_letter else lab
+        for letter, lab in by_letter.items():
+            if letter not in output:
+                rc.fix(lab, REPEAT)  # contracted between operands: copies would count twice
         for position, letter in enumerate(specs[0]):
             if letter not in output and by_letter.get(letter) is not None:
                 rc.graph.consumers.append(

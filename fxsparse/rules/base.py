@@ -4,8 +4,9 @@ A rule answers, for one op, two questions every structural pass asks:
 
 - ``labels(rc)``: given the labels of the op's inputs (``rc.labels_of(arg)``), what are the labels of its output,
   and which channels does it tie, fix or factor? (see fxsparse.channels)
-- ``rewrite(wc)``: after channels are removed, which of the op's arguments or module attributes must change so
-  that it computes the same thing on the smaller tensors? Most ops are shape-agnostic and change nothing.
+- ``rewrite(wc)``: after channels are re-indexed (removed, reordered, repeated), which of the op's arguments or module
+  attributes must change so that it computes the same thing on the new tensors? Most ops are shape-agnostic and
+  change nothing.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from fxsparse.channels import ChannelGraph, Labels
+from fxsparse.channels import ALL, ChannelGraph, Labels
 
 TensorLabels = tuple  # one Labels per dimension of a tensor
 NodeLabels = Any  # TensorLabels for a tensor, a tuple of NodeLabels for a tuple output, None for non-tensors
@@ -114,8 +115,9 @@ class RuleContext:
         self.graph.tie(a, b)
         return a
 
-    def fix(self, labels: Labels) -> None:
-        self.graph.fix(labels)
+    def fix(self, labels: Labels, blocks: int = ALL) -> None:
+        """These channels cannot be re-indexed in the ways ``blocks`` names (default: in no way)."""
+        self.graph.fix(labels, blocks)
 
     def factor(self, base: Labels, n_outer: int, n_inner: int) -> tuple[Labels, Labels]:
         """View ``base`` as an (n_outer, n_inner) grid, e.g. channels as (groups, channels per group).
@@ -192,13 +194,15 @@ def op_name(node: fx.Node) -> str:
 
 @dataclass
 class RewriteContext:
-    """What a rule sees when channels are removed: the node in the new graph, and the new size of any tensor."""
+    """What a rule sees when channels are re-indexed (removed, reordered or repeated, see fxsparse.index_map): the node
+    in the new graph, the new size of any tensor, and ``counts(labels)``: how many new indices each old index of a
+    label array becomes, from which every new size and offset follows (``counts(lab)[:start].sum()``)."""
 
     node: fx.Node
     gm: fx.GraphModule
     new_shape: Callable[[fx.Node], Optional[tuple[int, ...]]]
     old_shape: Callable[[fx.Node], Optional[tuple[int, ...]]]
-    kept: Callable[[Labels], torch.Tensor]  # kept positions of a label array
+    counts: Callable[[Labels], torch.Tensor]  # new indices per old index of a label array
     labels: Callable[[fx.Node], NodeLabels]
 
     def set_arg(self, index: int, name: str, value: Any) -> None:

@@ -5,7 +5,13 @@ from typing import Sequence
 
 import torch.fx as fx
 
+from fxsparse.channels import ALL, REMOVE, REPEAT
+
 from .base import NodeLabels, Rule, RuleContext, TensorLabels, opaque, opaque_like
+
+# A sum, mean or softmax over channels does not change when they are reordered, but does when some are removed or
+# repeated; a cumulative op or an argmax depends on their order too.
+ORDER_FREE = REMOVE | REPEAT
 
 
 def broadcast(rc: RuleContext, inputs: Sequence[fx.Node], out_shape: Sequence[int]) -> TensorLabels:
@@ -68,12 +74,13 @@ def _dims(rc: RuleContext, dim, ndim: int) -> list[int]:
 
 
 class MixesAlongDim(Rule):
-    """Elementwise except along one dim, whose channels are mixed (softmax, cumsum): that dim is fixed."""
+    """Elementwise except along one dim, whose channels are mixed (softmax, cumsum): that dim is fixed for the
+    operations ``blocks`` names (softmax's channels may be reordered, cumsum's may not)."""
 
     name = "mixes along dim"
 
-    def __init__(self, dim_index: int = 1, dim_name: str = "dim", default=-1):
-        self.dim_index, self.dim_name, self.default = dim_index, dim_name, default
+    def __init__(self, dim_index: int = 1, dim_name: str = "dim", default=-1, blocks: int = ORDER_FREE):
+        self.dim_index, self.dim_name, self.default, self.blocks = dim_index, dim_name, default, blocks
 
     def labels(self, rc: RuleContext) -> NodeLabels:
         src = rc.arg(0, "input")
@@ -83,7 +90,7 @@ class MixesAlongDim(Rule):
         if dim is None:
             dim = -1
         d = dim % ndim
-        rc.fix(labels[d])
+        rc.fix(labels[d], self.blocks)
         return labels
 
 
@@ -92,8 +99,8 @@ class Reduction(Rule):
 
     name = "reduction"
 
-    def __init__(self, dim_index: int = 1, keepdim_index: int = 2):
-        self.dim_index, self.keepdim_index = dim_index, keepdim_index
+    def __init__(self, dim_index: int = 1, keepdim_index: int = 2, blocks: int = ORDER_FREE):
+        self.dim_index, self.keepdim_index, self.blocks = dim_index, keepdim_index, blocks
 
     def labels(self, rc: RuleContext) -> NodeLabels:
         src = rc.arg(0, "input")
@@ -102,7 +109,7 @@ class Reduction(Rule):
         dims = _dims(rc, rc.arg(self.dim_index, "dim"), ndim) if ndim else []
         keepdim = bool(rc.arg(self.keepdim_index, "keepdim", False))
         for d in dims:
-            rc.fix(labels[d])
+            rc.fix(labels[d], self.blocks)
         out = [None if d in dims else labels[d] for d in range(ndim)] if keepdim else [
             labels[d] for d in range(ndim) if d not in dims]
         value = rc.node.meta.get("val")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxsparse.channels import CONSUME, FOLLOW, PRODUCE, SCALE
+from fxsparse.channels import CONSUME, FOLLOW, PRODUCE, REMOVE, SCALE
 
 from .base import NodeLabels, RewriteContext, Rule, RuleContext
 
@@ -146,7 +146,7 @@ class Conv(Rule):
 
     def rewrite(self, wc: RewriteContext) -> None:
         groups_labels = wc.node.meta.get("fxsparse_groups")
-        new_groups = int(wc.kept(groups_labels).sum()) if groups_labels is not None else None
+        new_groups = int(wc.counts(groups_labels).sum()) if groups_labels is not None else None
         if wc.node.op == "call_module":
             m = wc.module
             if new_groups is not None:
@@ -215,7 +215,8 @@ def opaque_like_value(value: Any):
 
 
 class LastDimsNorm(Rule):
-    """LayerNorm / RMSNorm / GroupNorm: statistics over several channels, so those channels are fixed.
+    """LayerNorm / RMSNorm / GroupNorm: statistics over several channels. LayerNorm's and RMSNorm's channels cannot
+    be removed but can be reordered, and repeated uniformly; GroupNorm's are fixed.
 
     ``normalized``: "shape" (the trailing dims of normalized_shape, at ``shape_index``) or "channels" (dim 1).
     """
@@ -235,7 +236,14 @@ class LastDimsNorm(Rule):
                 shape = [shape]
             dims = list(range(len(x) - len(shape), len(x)))
         for d in dims:
-            rc.fix(x[d])
+            if self.normalized == "shape":
+                # statistics over the whole dim: removing a channel changes them, a reordering does not, and a
+                # repeat keeps them only when every channel is repeated equally (recorded as a uniform set)
+                rc.fix(x[d], REMOVE)
+                if x[d] is not None:
+                    rc.graph.uniform.append(x[d])
+            else:  # GroupNorm: statistics per group of consecutive channels
+                rc.fix(x[d])
         tensors: list = []
         if rc.node.op == "call_module":
             for pname in ("weight", "bias"):

@@ -272,7 +272,7 @@ class Split(Rule):
         dim = self._dim(wc.arg) % ndim
         if all(p[dim] is None for p in pieces):
             return
-        sizes = [int(wc.kept(p[dim]).sum()) if p[dim] is not None else None for p in pieces]
+        sizes = [int(wc.counts(p[dim]).sum()) if p[dim] is not None else None for p in pieces]
         old = [int(v.shape[dim]) for v in wc.node.meta["val"]]
         sizes = [s if s is not None else o for s, o in zip(sizes, old)]
         if sizes == old:
@@ -344,14 +344,14 @@ class GetItem(Rule):
             lab = labels[d] if d is not None else None
             if lab is None:
                 continue
-            kept = wc.kept(lab)
+            counts = wc.counts(lab)
             if kind == "slice" and item.step in (None, 1):
                 start, stop, _ = item.indices(len(lab))
-                new_items[position] = slice(int(kept[:start].sum()), int(kept[:stop].sum()), None)
+                new_items[position] = slice(int(counts[:start].sum()), int(counts[:stop].sum()), None)
                 changed = True
             elif kind == "int":
                 i = item % len(lab)
-                new_items[position] = int(kept[:i].sum())
+                new_items[position] = int(counts[:i].sum())
                 changed = True
         if changed:
             wc.node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
@@ -438,15 +438,15 @@ class SliceOp(Rule):
         lab = labels[dim]
         if lab is None:
             return
-        kept = wc.kept(lab)
+        counts = wc.counts(lab)
         if self.kind == "select":
             index = wc.arg(2, "index") % len(lab)
-            wc.set_arg(2, "index", int(kept[:index].sum()))
+            wc.set_arg(2, "index", int(counts[:index].sum()))
             return
         start, stop, step = self._bounds(wc.arg, len(lab))
         if step != 1:
             return
-        new_start, new_stop = int(kept[:start].sum()), int(kept[:stop].sum())
+        new_start, new_stop = int(counts[:start].sum()), int(counts[:stop].sum())
         if self.kind == "narrow":
             wc.set_arg(2, "start", new_start)
             wc.set_arg(3, "length", new_stop - new_start)

@@ -14,7 +14,7 @@ has no callable blocks: it is calibrated layer by layer, see graph_calibration.p
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.fx as fx
@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from ..errors import BadArgumentError
 from ..inputs import normalize_example_inputs
+from .criteria import WEIGHT_CRITERIA, WeightCriterion
 from .graph_calibration import calibrate_graph, graph_targets
 from .sparsegpt import HessianStatistics, sparsegpt_prune
-from .targets import LinearTarget, linear_targets
+from .calibration_targets import LinearTarget, linear_targets
 from .wanda import WandaStatistics, wanda_prune
 
 log = logging.getLogger(__name__)
@@ -301,30 +302,45 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
                             validate=check_pattern_fits(n_of_m, options.get("blocksize", 128) if criterion == "sparsegpt" else None))
 
 
-class CalibratedCriterion:
-    """A weight criterion with the registry interface ``compute_masks(module, targets, pattern, calibration)``:
-    ``targets`` are weight names of Linear-like layers, ``pattern`` is ``"unstructured"`` or ``"N:M"``. The kept
-    weights of ``module`` are updated in place (SparseGPT) and the pruned ones zeroed."""
+class CalibratedCriterion(WeightCriterion):
+    """The engine behind the weight-criterion interface (``WEIGHT_CRITERIA``, ``Sparsify(criterion=...)``):
+    ``compute_masks(module, targets, pattern, calibration)`` prunes ``targets`` (weight names or
+    :class:`~fxsparse.sparse.targets.WeightTarget`) of ``module`` in place, sequentially, and returns their masks.
+    ``pattern`` is ``"unstructured"``/``"N:M"`` (with this criterion's ``sparsity``) or an ``NM``/``Unstructured``."""
 
-    method = ""
+    method: ClassVar[str] = ""
+    needs_calibration = True
 
     def __init__(self, sparsity: float = 0.5, blocks=None, progress: bool = True, **options):
         self.sparsity, self.blocks, self.progress, self.options = _check_sparsity(sparsity), blocks, progress, options
 
-    def compute_masks(self, module: nn.Module, targets: Iterable[str], pattern: str, calibration: list
+    def compute_masks(self, module: nn.Module, targets: Iterable, pattern, calibration: list | None = None
                       ) -> dict[str, torch.Tensor]:
-        sparsity = getattr(pattern, "sparsity", self.sparsity)
-        return sparsify_sequential(module, calibration, self.method, str(pattern), sparsity, self.blocks,
-                                   progress=self.progress, only=set(targets), **self.options)
+        if getattr(pattern, "transposable", False) or getattr(pattern, "scope", "local") != "local":
+            raise BadArgumentError(f"criterion {self.name!r} prunes each layer on its own inputs: it takes N:M "
+                                   "(not transposable) or local unstructured patterns")
+        if isinstance(pattern, str):
+            text, sparsity = pattern, self.sparsity
+        elif hasattr(pattern, "m"):
+            text, sparsity = f"{pattern.n}:{pattern.m}", pattern.sparsity
+        else:
+            text, sparsity = "unstructured", pattern.sparsity
+        names = {getattr(target, "param", target) for target in targets}
+        return sparsify_sequential(module, calibration or [], self.method, text, sparsity, self.blocks,
+                                   progress=self.progress, only=names, **self.options)
 
 
 class WandaCriterion(CalibratedCriterion):
     """Wanda: |W|·‖x‖₂ per input column, mask per output row or N:M group, no weight update."""
 
-    method = "wanda"
+    name = method = "wanda"
 
 
 class SparseGPTCriterion(CalibratedCriterion):
     """SparseGPT: damped Hessian, column-block OBS pruning with the update of the remaining weights."""
 
-    method = "sparsegpt"
+    name = method = "sparsegpt"
+    updates_weights = True
+
+
+WEIGHT_CRITERIA.update({"wanda": WandaCriterion, "sparsegpt": SparseGPTCriterion})

@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..graph_utils import placeholder_values
-from .targets import LinearTarget, conv1d_class, selected
+from .calibration_targets import LinearTarget, selected
+from .targets import layout_of_module
 
 aten = torch.ops.aten
 # op: (index of the input argument, index of the weight argument, weight stored (in, out))
@@ -37,15 +37,15 @@ def graph_targets(gm: fx.GraphModule, include=None, exclude=None, only=None) -> 
     """``{node whose input is calibrated: target}`` for every selected Linear-like weight of ``gm``, at its first
     use."""
     modules = dict(gm.named_modules())
-    conv1d = conv1d_class()
     found: dict[fx.Node, LinearTarget] = {}
     seen: set[str] = set()
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], (nn.Linear, *conv1d)):
+        layout = layout_of_module(modules[node.target]) if node.op == "call_module" else None
+        if layout in ("linear", "in_out"):
             module = modules[node.target]
             name = f"{node.target}.weight"
             if name not in seen and selected(name, include, exclude, only):
-                found[node] = LinearTarget(name, module.weight, isinstance(module, conv1d), module)
+                found[node] = LinearTarget(name, module.weight, layout == "in_out", module)
             seen.add(name)
         elif node.op == "get_attr" and selected(node.target, include, exclude, only):
             target = _weight_target(gm, node)

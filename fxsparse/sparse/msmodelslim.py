@@ -26,7 +26,7 @@ from .calibration import (
     calibrate_blocks, magnitude_prune, sparsegpt_prune,
 )
 from .sparsegpt import HessianStatistics
-from .targets import LinearTarget
+from .calibration_targets import LinearTarget
 
 PROGRESSIVE_STEPS = 4
 NONUNIFORM_SPREAD = 0.1
