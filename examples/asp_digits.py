@@ -6,8 +6,8 @@ fine-tuning.
     python examples/asp_digits.py --seeds 0 1 2 --epochs 3 --finetune-epochs 1
 
 The recipe is apex's own (``init_model_for_pruning``, ``init_optimizer_for_pruning``, ``compute_sparse_masks``);
-each variant in ``VARIANTS`` runs it with its own options, so a variant with channel permutation is one more entry
-once permutation is available (``allow_permutation=True`` logs that it is not applied yet).
+each variant in ``VARIANTS`` runs it with its own options: plain 2:4, and 2:4 after channel permutation
+(``allow_permutation=True`` with a few training images as ``example_inputs`` to trace the model with).
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from fxsparse.asp import ASP
 from fxsparse.sparse import NM
 
 LEARNING_RATE = 3e-3
-VARIANTS = {"2:4": {"mask_calculator": "m4n2_1d", "allow_permutation": False}}
+VARIANTS = {"2:4": {"mask_calculator": "m4n2_1d", "allow_permutation": False},
+            "2:4 perm": {"mask_calculator": "m4n2_1d", "allow_permutation": True}}
 
 
-def prune_2_4(model: nn.Module, optimizer: torch.optim.Optimizer, options: dict) -> ASP:
+def prune_2_4(model: nn.Module, optimizer: torch.optim.Optimizer, options: dict, example: torch.Tensor) -> ASP:
     """apex's recipe, on a session of its own (so that every variant and seed is independent)."""
     asp = ASP()
     asp.init_model_for_pruning(model, options["mask_calculator"], verbosity=0, whitelist=[nn.Linear, nn.Conv2d],
-                               allow_permutation=options["allow_permutation"])
+                               allow_permutation=options["allow_permutation"], example_inputs=example)
     asp.init_optimizer_for_pruning(optimizer)
     asp.compute_sparse_masks()
     return asp
@@ -50,7 +51,7 @@ def run(seed: int, epochs: int, finetune_epochs: int) -> list[tuple]:
     for name, options in VARIANTS.items():
         model = copy.deepcopy(dense)
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE / 3)
-        asp = prune_2_4(model, optimizer, options)
+        asp = prune_2_4(model, optimizer, options, train_x[:8])
         kept = magnitude_kept(dense, model, asp.sparse_parameters)
         pruned_accuracy = accuracy(model, test_x, test_y)
         train(model, optimizer, train_x, train_y, finetune_epochs, seed, f"fine-tuning {name}")
@@ -62,7 +63,7 @@ def run(seed: int, epochs: int, finetune_epochs: int) -> list[tuple]:
     return rows
 
 
-ROW = "{:>4} {:<8} {:>7} {:>9} {:>7} {:>7} {:>10} {:>8}"
+ROW = "{:>4} {:<9} {:>7} {:>9} {:>7} {:>7} {:>10} {:>8}"
 
 
 def main() -> None:

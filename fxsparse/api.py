@@ -230,6 +230,24 @@ def _weight_masks_for(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Ten
     return masks
 
 
+def permute_channels(model: torch.nn.Module, example_inputs: Any = None, pattern: str = "2:4",
+                     optimizers: Sequence[torch.optim.Optimizer] = (), *, example_kwargs: dict | None = None,
+                     companions: dict[str, list[torch.Tensor]] | None = None, **options: Any) -> CompileResult:
+    """Reorder ``model``'s channels in place so that ``pattern`` (N:M) sparsity keeps more magnitude, without
+    changing what it computes (verified). The same Parameter objects are written, so ``optimizers`` keep working,
+    and their state (momentum, Adam's moments) is reordered with the weights, as is every tensor in
+    ``companions[param name]``. ``options`` go to :class:`fxsparse.passes.ChannelPermutation` (consumers, seed,
+    kicks). Returns the compile result (its report and plan say what moved)."""
+    from fxsparse.passes import ChannelPermutation
+
+    from .inplace import permute_in_place
+
+    result = compile(model, example_inputs, [ChannelPermutation(pattern, **options)], example_kwargs=example_kwargs,
+                     lower_modules=False)
+    permute_in_place(model, result.plan, tuple(optimizers), companions)
+    return result
+
+
 def load(path: str | Path) -> torch.nn.Module:
     """Load a module saved by ``CompileResult.save``; its plan is at ``module.fxsparse_plan`` when present."""
     module, extra = load_module(path)

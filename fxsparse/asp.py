@@ -23,8 +23,10 @@ multiple of 8 or whose second is not a multiple of 16). Where fxsparse differs:
   4x4 blocks each (``_greedy`` and ``_best`` both give the best).
 - A layer named in ``allowed_layer_names`` that cannot take the pattern, or a weight whose inputs are not a
   multiple of M, is a :class:`~fxsparse.FxsparseError` naming it, not a failure deep inside.
-- ``allow_permutation``: the channel permutation that keeps more magnitude comes with the channel-permutation
-  pass; until then it is not applied, and a log line says so once per session.
+- ``allow_permutation``: a channel permutation that works and is exact (fxsparse.passes.ChannelPermutation through
+  the one index-map rewrite), with the optimizer's state permuted too. It needs to trace the model, so it needs
+  example inputs: ``init_model_for_pruning(..., example_inputs=x)`` or one forward call before the masks are
+  computed; without them a log line says the model was not permuted.
 """
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ class ASP:
         self._keeper: MaskKeeper | None = None
         self._verbosity = 0
         self._allow_permutation = False
-        self._permutation_noted = False
+        self._permuted = False
+        self._example_inputs: tuple[tuple, dict] | None = None
 
     @classmethod
     def _session(cls, call: str, starts_session: bool) -> "ASP":
@@ -143,8 +146,12 @@ class ASP:
     def init_model_for_pruning(self, model: torch.nn.Module, mask_calculator: Any = "m4n2_1d", verbosity: int = 3,
                                whitelist: list | None = None, allowed_layer_names: list[str] | None = None,
                                disallowed_layer_names: list[str] = (), allow_recompute_mask: bool = False,
-                               custom_layer_dict: dict | None = None, allow_permutation: bool = True) -> None:
-        """Add the mask buffers to every eligible layer's weights (all ones: sparsity starts off)."""
+                               custom_layer_dict: dict | None = None, allow_permutation: bool = True,
+                               example_inputs: Any = None) -> None:
+        """Add the mask buffers to every eligible layer's weights (all ones: sparsity starts off).
+
+        ``example_inputs`` (fxsparse's addition: a tensor, a tuple, or a dict of keyword inputs) lets
+        ``allow_permutation`` trace the model; a forward call before ``compute_sparse_masks`` does too."""
         if self._model is not None:
             raise FxsparseError("this ASP session already prunes a model; start another with ASP() "
                                 "(or call ASP.init_model_for_pruning on the class)")
@@ -188,6 +195,15 @@ class ASP:
                     self._say(3, f"Not sparsifying {name}::{p_name} of size={list(param.shape)} and type={param.dtype}")
         self._model = model
         self._entries = [_Entry(*entry, recompute=allow_recompute_mask) for entry in planned]
+        if allow_permutation:
+            if example_inputs is not None:
+                from .inputs import normalize_example_inputs
+
+                self._example_inputs = normalize_example_inputs(example_inputs)
+            else:
+                handle = model.register_forward_pre_hook(
+                    lambda module, args, kwargs: (self._remember_inputs(module, args, kwargs), handle.remove())[1],
+                    with_kwargs=True)
 
     def _layout_if_eligible(self, name: str, module: torch.nn.Module, p_name: str, param: torch.Tensor,
                             named: bool) -> str | None:
@@ -216,11 +232,35 @@ class ASP:
         self._keeper = MaskKeeper(self._model, masks, [optimizer])
 
     def _permute(self) -> None:
-        """The step that runs right before masks are computed: channel permutation, when it is available."""
-        if self._allow_permutation and not self._permutation_noted:
-            log.warning("ASP: allow_permutation=True, but channel permutation is not applied yet: "
-                        "masks are computed on the weights as they are")
-            self._permutation_noted = True
+        """Channel permutation (``allow_permutation``), once per session, right before the first masks: channels
+        are reordered in place (weights, BatchNorm statistics, optimizer state, these masks) so that N:M pruning
+        keeps more magnitude; the model computes exactly what it did (verified on the example inputs).
+
+        The model is traced, so it needs example inputs: ``init_model_for_pruning(..., example_inputs=x)``, or any
+        forward call after ``init_model_for_pruning`` (its inputs are kept). Without them a log line says so."""
+        if not self._allow_permutation or self._permuted:
+            return
+        self._permuted = True
+        if self._pattern is None:
+            log.warning("ASP: allow_permutation=True, but a custom mask_calculator has no N:M pattern to permute for")
+            return
+        if self._example_inputs is None:
+            log.warning("ASP: allow_permutation=True, but no example inputs are known to trace the model with; pass "
+                        "init_model_for_pruning(..., example_inputs=x) or run one forward first. Not permuted.")
+            return
+        from .api import permute_channels
+
+        args, kwargs = self._example_inputs
+        companions = {entry.full_name: [t for t in (entry.mask, entry.pruned) if t is not None]
+                      for entry in self._entries}
+        result = permute_channels(self._model, args, f"{self._pattern.n}:{self._pattern.m}",
+                                  self._keeper.optimizers if self._keeper is not None else (), example_kwargs=kwargs,
+                                  companions=companions, consumers=[entry.full_name for entry in self._entries])
+        self._say(2, f"Permuted: {result.report.pass_record('ChannelPermutation').summary}")
+
+    def _remember_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._example_inputs is None:
+            self._example_inputs = (args, kwargs)
 
     @_session_method()
     def compute_sparse_masks(self) -> None:
@@ -274,10 +314,13 @@ class ASP:
         raise FxsparseError(f"inconsistent model sparsity: {full} of {len(self._entries)} masks dense, {sparse} sparse")
 
     @_session_method(starts_session=True)
-    def prune_trained_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """apex's one call: 2:4 on Linear and Conv2d weights, kept through ``optimizer``'s steps, on now."""
+    def prune_trained_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            example_inputs: Any = None) -> None:
+        """apex's one call: 2:4 on Linear and Conv2d weights, kept through ``optimizer``'s steps, on now
+        (permuted first when ``example_inputs`` are given, fxsparse's addition)."""
         self.init_model_for_pruning(model, mask_calculator="m4n2_1d", verbosity=2,
-                                    whitelist=[torch.nn.Linear, torch.nn.Conv2d], allow_recompute_mask=False)
+                                    whitelist=[torch.nn.Linear, torch.nn.Conv2d], allow_recompute_mask=False,
+                                    example_inputs=example_inputs)
         self.init_optimizer_for_pruning(optimizer)
         self.compute_sparse_masks()
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
+from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection
 from .plan import Plan
 from .verify import verify_equivalent
@@ -244,6 +245,7 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
     snapshot = _Snapshot(model)
     was_training = model.training
     try:
+        apply_growth(model, plan)  # blocks a growth inserted, so that their tensors have a place to go
         with torch.no_grad():
             _move_tensors(model, source.state_dict(), plan)
         _add_corrections(model, source, plan)
@@ -256,3 +258,32 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
         raise
     model.train(was_training)
     return model
+
+
+def permute_in_place(model: nn.Module, plan: Plan, optimizers: tuple = (),
+                     companions: dict[str, list[torch.Tensor]] | None = None) -> list[str]:
+    """Reorder ``model``'s own tensors by a plan whose index maps keep every shape (a channel permutation): each
+    parameter and buffer is written in place (the same Parameter objects, so optimizers and hooks keep them), and so
+    is every optimizer state tensor of a parameter's shape (momentum, Adam's moments) and every tensor in
+    ``companions[name]`` (e.g. a sparsity mask kept beside a weight). Returns the names of the tensors moved."""
+    state = dict(model.state_dict(keep_vars=True))
+    moved = []
+    with torch.no_grad():
+        for name, dims in plan.kept.items():
+            tensor = state.get(name)
+            if tensor is None:
+                continue
+            if any(len(index) != tensor.shape[dim] for dim, index in dims.items()):
+                raise PlanMismatchError(f"permute_in_place: the plan changes the shape of {name!r}; it is no "
+                                        "permutation (use apply_plan)")
+            related = [tensor] + list((companions or {}).get(name, []))
+            for optimizer in optimizers:
+                related += [value for value in optimizer.state.get(tensor, {}).values()
+                            if isinstance(value, torch.Tensor) and value.shape == tensor.shape]
+            for target in related:
+                gathered = target
+                for dim, index in dims.items():
+                    gathered = gathered.index_select(dim, torch.as_tensor(index, device=target.device))
+                target.copy_(gathered)
+            moved.append(name)
+    return moved

@@ -141,15 +141,56 @@ def test_a_layer_that_cannot_take_the_pattern_is_named():
         ASP.init_model_for_pruning(model, "m4n2_3d", verbosity=0)
 
 
-def test_permutation_is_reported_once_as_not_applied(caplog):
+def test_without_example_inputs_permutation_is_reported_once_as_not_applied(caplog):
     model = small_cnn()
     ASP.init_model_for_pruning(model, verbosity=0, allow_recompute_mask=True)
     with caplog.at_level(logging.WARNING, logger="fxsparse.asp"):
         ASP.compute_sparse_masks()
         ASP.compute_sparse_masks()
-    assert [r.message for r in caplog.records].count(
-        "ASP: allow_permutation=True, but channel permutation is not applied yet: masks are computed on the "
-        "weights as they are") == 1
+    notes = [r.message for r in caplog.records if "no example inputs" in r.message]
+    assert len(notes) == 1 and "example_inputs" in notes[0]
+
+
+def kept_magnitude(model: nn.Module) -> float:
+    return sum(float(m.weight.detach().abs().sum()) for m in model.modules() if type(m) in LAYOUT)
+
+
+@pytest.mark.parametrize("inputs_from", ["argument", "forward"])
+def test_permutation_is_exact_keeps_more_and_moves_the_optimizer_state(inputs_from):
+    x = torch.randn(2, 16, 8, 8)
+    dense = small_cnn()
+    plain, permuted = copy.deepcopy(dense), copy.deepcopy(dense)
+    ASP().prune_trained_model(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(permuted.parameters(), lr=0.1, momentum=0.9)
+    train(permuted, optimizer, steps=1)  # some momentum to carry along
+    dense_now = copy.deepcopy(permuted)
+    momentum = {name: optimizer.state[p]["momentum_buffer"].clone() for name, p in permuted.named_parameters()}
+    asp = ASP()
+    asp.init_model_for_pruning(permuted, verbosity=0, allow_recompute_mask=True,
+                               example_inputs=x if inputs_from == "argument" else None)
+    if inputs_from == "forward":
+        permuted(x)
+    asp.init_optimizer_for_pruning(optimizer)
+    asp.compute_sparse_masks()
+    assert sparse_weights(permuted) == {"0": True, "2": True, "6": True, "8": False}  # 8: 10 outputs, apex skips it
+    # sparsity off again: the dense, permuted model computes exactly what it did before
+    asp.restore_pruned_weights()
+    with torch.no_grad():
+        expected, got = dense_now(x), permuted(x)
+    assert ((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+    moved = [n for n, p in permuted.named_parameters() if not torch.equal(p, dense_now.get_parameter(n))]
+    assert moved, "nothing was permuted"
+    for name in moved:  # each momentum entry moved with its weight (pruned entries' momentum is zeroed)
+        param = permuted.get_parameter(name)
+        buffer = optimizer.state[param]["momentum_buffer"]
+        before = set(zip(dense_now.get_parameter(name).flatten().tolist(), momentum[name].flatten().tolist()))
+        kept = buffer.flatten() != 0
+        after = set(zip(param.flatten()[kept].tolist(), buffer.flatten()[kept].tolist()))
+        assert kept.any() and after <= before
+    asp.compute_sparse_masks()
+    fresh = copy.deepcopy(dense_now)
+    ASP().prune_trained_model(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert kept_magnitude(permuted) > kept_magnitude(fresh)
 
 
 def test_hugging_face_conv1d_through_custom_layer_dict_is_2_4_along_its_inputs():

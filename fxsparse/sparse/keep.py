@@ -52,6 +52,11 @@ class MaskKeeper:
             self.attach(optimizer)
 
     @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The optimizers whose steps keep the masks."""
+        return tuple(self._optimizers)
+
+    @property
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: mask for name, _, mask in self._entries}
 
