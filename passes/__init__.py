@@ -2,6 +2,7 @@
 from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.expand_depth import ExpandDepth
+from fxsparse.passes.expand_width import ExpandWidth
 from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
@@ -15,9 +16,10 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, ExpandDepth)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, ExpandDepth,
+                                     ExpandWidth)}
 
 __all__ = [
     "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
-    "ExpandDepth", "PROVIDERS", "PASSES",
+    "ExpandDepth", "ExpandWidth", "PROVIDERS", "PASSES",
 ]
