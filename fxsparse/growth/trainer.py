@@ -12,12 +12,13 @@ What a kind of growth needs is one small interface, :class:`Grower`: ``cut(model
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable
 
 import torch
 
-from ..errors import BadArgumentError, FxsparseError
+from ..errors import BadArgumentError
 from .blocks import blocks_of, find_block_runs
 from .identity import NotGrowableError, analyse_block
 from .insert import Copy, numbered_children, rearrange_children
@@ -112,42 +113,35 @@ class DepthGrower(Grower):
 
 
 class WidthGrower(Grower):
-    """Width: the cut is fxsparse's own structured pruning, in place; a growth is ``passes.ExpandWidth``, in
-    place. Until fxsparse has ExpandWidth, ``grow`` raises a FxsparseError saying so."""
+    """Width: the cut is fxsparse's own structured pruning, in place; a growth is ``passes.ExpandWidth``, in place
+    and function-preserving. A copy of the model as it was before the cut is kept (``like=``), so that every group
+    grows back to exactly its original width at the last stage, also where the cut's widths do not divide it."""
 
     def __init__(self, example_inputs: Any = None):
         self.example_inputs = example_inputs
-
-    @staticmethod
-    def check_available() -> None:
-        from .. import passes
-
-        if not hasattr(passes, "ExpandWidth"):
-            raise FxsparseError("width growth needs fxsparse.passes.ExpandWidth, which this fxsparse does not have "
-                                "yet; use sparse_model_depth, or an fxsparse with ExpandWidth")
+        self.original: torch.nn.Module | None = None
+        self.fraction = 1.0
 
     def cut(self, model: torch.nn.Module, fraction: float) -> None:
         from ..api import prune
 
         if self.example_inputs is None:
             raise BadArgumentError("sparse_model_width needs example_inputs= to trace the model for its cut")
+        self.original = copy.deepcopy(model)
         prune(model, self.example_inputs, keep=fraction, inplace=True)
+        self.fraction = fraction
 
     def grow(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
-        self.check_available()
         from .. import compile as fxsparse_compile
+        from ..api import width_derivations
         from ..passes import ExpandWidth
 
+        factor = None if fraction >= 1.0 else fraction / self.fraction
         before = dict(model.named_parameters())
-        result = fxsparse_compile(model, self.example_inputs, [ExpandWidth(target_fraction=fraction)], inplace=True)
-        # ExpandWidth records, per grown parameter, the source index of each new index along each grown dim
-        # and the scale applied (plan.extra["width"][name] = {"gather": {dim: [...]}, "scale": s})
-        derivations = {}
-        for name, record in result.plan.extra.get("width", {}).items():
-            old = before[name]
-            gather = tuple((int(dim), torch.tensor(index)) for dim, index in record["gather"].items())
-            derivations[model.get_parameter(name)] = Derivation(old, old, float(record.get("scale", 1.0)), gather)
-        return derivations
+        result = fxsparse_compile(model, self.example_inputs, [ExpandWidth(factor=factor, like=self.original)],
+                                  inplace=True)
+        self.fraction = fraction
+        return width_derivations(model, before, result.plan)
 
 
 class GrowthTrainer:
@@ -239,6 +233,5 @@ def sparse_model_width(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        epochs_each_stage, *, example_inputs: Any = None) -> torch.nn.Module:
     """msModelSlim's width growth training (cut by fxsparse's structured pruning, grown by passes.ExpandWidth)."""
     check_arguments(model, optimizer, steps_per_epoch, epochs_each_stage)
-    WidthGrower.check_available()
     GrowthTrainer(model, optimizer, steps_per_epoch, epochs_each_stage, WidthGrower(example_inputs))
     return model
