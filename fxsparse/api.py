@@ -195,7 +195,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
         args, kwargs = inputs_from_description(plan.inputs)
     else:
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
-    if plan.is_permutation_or_growth():  # a reorder or a repeat keeps the function: replay the gathers themselves
+    if plan.is_permutation_or_growth:  # a reorder or a repeat keeps the function: replay the gathers themselves
         return replay_gathers(model, plan, args, kwargs)
     masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
     result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
@@ -239,15 +239,16 @@ def expand_width(model: torch.nn.Module, example_inputs: Any = None, factor: flo
 
 
 def width_derivations(model: torch.nn.Module, before: dict[str, torch.nn.Parameter], plan: Plan) -> dict:
-    """How each parameter a width growth replaced was made from the old one (for remap_optimizer)."""
+    """How each parameter a width growth (or a cut) replaced was made from the old one, from the plan's gathers
+    and scales (for remap_optimizer)."""
     from fxsparse.growth.optim import Derivation
 
     derivations = {}
     for name, new in model.named_parameters():
         old = before.get(name)
-        if old is None or new is old or name not in plan.kept:
-            continue
-        gather = tuple((dim, torch.tensor(kept, dtype=torch.long)) for dim, kept in plan.kept[name].items())
+        if old is None or new is old:
+            continue  # a replaced tensor the plan did not re-index (a bias a cut's folding changed) keeps its state
+        gather = tuple((dim, torch.tensor(kept, dtype=torch.long)) for dim, kept in plan.kept.get(name, {}).items())
         scales = tuple((dim, torch.tensor(scale)) for dim, scale in plan.scales.get(name, {}).items())
         derivations[new] = Derivation(old, old, 1.0, gather, scales)
     return derivations

@@ -33,7 +33,8 @@ class Grower:
     of its original size (1.0: exactly the original) in place, preserving its function, and returns how each new
     parameter was made, for :func:`remap_optimizer`."""
 
-    def cut(self, model: torch.nn.Module, fraction: float) -> None:
+    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation] | None:
+        """Returns how each parameter the cut replaced was made (None: the survivors are the same objects)."""
         raise NotImplementedError
 
     def grow(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
@@ -122,14 +123,16 @@ class WidthGrower(Grower):
         self.original: torch.nn.Module | None = None
         self.fraction = 1.0
 
-    def cut(self, model: torch.nn.Module, fraction: float) -> None:
-        from ..api import prune
+    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
+        from ..api import prune, width_derivations
 
         if self.example_inputs is None:
             raise BadArgumentError("sparse_model_width needs example_inputs= to trace the model for its cut")
         self.original = copy.deepcopy(model)
-        prune(model, self.example_inputs, keep=fraction, inplace=True)
+        before = dict(model.named_parameters())
+        result = prune(model, self.example_inputs, keep=fraction, inplace=True)
         self.fraction = fraction
+        return width_derivations(model, before, result.plan)
 
     def grow(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
         from .. import compile as fxsparse_compile
@@ -162,8 +165,7 @@ class GrowthTrainer:
         self.stage, self.steps = 0, 0
         self.before_growth: list[Callable[[GrowthTrainer], None]] = []
         self.after_growth: list[Callable[[GrowthTrainer], None]] = []
-        grower.cut(model, self.fraction(0))
-        remap_optimizer(optimizer, {}, model.parameters())
+        remap_optimizer(optimizer, grower.cut(model, self.fraction(0)) or {}, model.parameters())
         self._hook = optimizer.register_step_post_hook(self._after_step)
         optimizer.fxsparse_growth = self
 
