@@ -345,6 +345,8 @@ class GetItem(Rule):
             if lab is None:
                 continue
             counts = wc.counts(lab)
+            if bool((counts == 1).all()):
+                continue  # sizes along this dim do not change: the index stays (its bounds may be graph values)
             if kind == "slice" and item.step in (None, 1):
                 start, stop, _ = item.indices(len(lab))
                 new_items[position] = slice(int(counts[:start].sum()), int(counts[:stop].sum()), None)
