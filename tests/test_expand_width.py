@@ -229,3 +229,32 @@ def test_width_growth_trainer_ends_at_the_original_size_with_the_same_loss_at_ea
     assert n_params(model) == original and len(losses) == 4
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[2] == pytest.approx(losses[3], rel=1e-5)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_msmodelslim_documentation_example_runs_unchanged_with_width_growth():
+    # the example of msModelSlim's "sparse training acceleration" page (CPU, torch's SGD), with sparse_model_width:
+    # no example inputs, so the cut happens at the first forward
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 1, 1, bias=False),
+        nn.Sequential(nn.Conv2d(32, 64, 1, 1, bias=False), nn.BatchNorm2d(64), nn.Conv2d(64, 32, 1, 1, bias=False)),
+        nn.Sequential(nn.Conv2d(32, 64, 1, 1, bias=False), nn.BatchNorm2d(64), nn.Conv2d(64, 32, 1, 1, bias=False)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10, bias=False),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps_per_epoch, epochs_each_stage = 10, [2, 3, 1]
+    original_model_params = n_params(model)
+    same = sparse_model_width(model, optimizer, steps_per_epoch=steps_per_epoch, epochs_each_stage=epochs_each_stage)
+    sizes = []
+    for _ in range(steps_per_epoch * sum(epochs_each_stage)):
+        optimizer.zero_grad()
+        output = model(torch.ones([1, 3, 32, 32]))
+        loss = torch.mean(output)
+        loss.backward()
+        optimizer.step()
+        sizes.append(n_params(model))
+    assert same is model and sizes[0] < sizes[19] < sizes[49] == original_model_params
+    assert sizes[18] == sizes[0] and sizes[48] == sizes[19]  # grown after 20 and 50 optimizer steps
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}

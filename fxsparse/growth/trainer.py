@@ -33,6 +33,8 @@ class Grower:
     of its original size (1.0: exactly the original) in place, preserving its function, and returns how each new
     parameter was made, for :func:`remap_optimizer`."""
 
+    on_cut: Callable[[dict], None] | None = None  # for a cut that happens later (see WidthGrower)
+
     def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation] | None:
         """Returns how each parameter the cut replaced was made (None: the survivors are the same objects)."""
         raise NotImplementedError
@@ -119,18 +121,36 @@ class WidthGrower(Grower):
     grows back to exactly its original width at the last stage, also where the cut's widths do not divide it."""
 
     def __init__(self, example_inputs: Any = None):
-        self.example_inputs = example_inputs
+        self.example_inputs, self.example_kwargs = example_inputs, None
         self.original: torch.nn.Module | None = None
         self.fraction = 1.0
+        # called with the cut's derivations when the cut waits for the first forward (no example_inputs)
+        self.on_cut: Callable[[dict], None] | None = None
 
-    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
+    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation] | None:
+        """Without ``example_inputs`` (msModelSlim's signature has none) the cut waits for the model's first
+        forward, traces it with those inputs and hands its derivations to ``on_cut`` (not under DDP: there, pass
+        example_inputs, so that the model is cut before it is wrapped)."""
+        if self.example_inputs is not None:
+            return self._cut(model, fraction)
+
+        def cut_on_first_forward(module, args, kwargs):
+            handle.remove()
+            self.example_inputs, self.example_kwargs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                             for a in args), dict(kwargs)
+            derivations = self._cut(module, fraction)
+            if self.on_cut is not None:
+                self.on_cut(derivations)
+
+        handle = model.register_forward_pre_hook(cut_on_first_forward, with_kwargs=True)
+        return None
+
+    def _cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
         from ..api import prune, width_derivations
 
-        if self.example_inputs is None:
-            raise BadArgumentError("sparse_model_width needs example_inputs= to trace the model for its cut")
         self.original = copy.deepcopy(model)
         before = dict(model.named_parameters())
-        result = prune(model, self.example_inputs, keep=fraction, inplace=True)
+        result = prune(model, self.example_inputs, keep=fraction, inplace=True, example_kwargs=self.example_kwargs)
         self.fraction = fraction
         return width_derivations(model, before, result.plan)
 
@@ -142,7 +162,7 @@ class WidthGrower(Grower):
         factor = None if fraction >= 1.0 else fraction / self.fraction
         before = dict(model.named_parameters())
         result = fxsparse_compile(model, self.example_inputs, [ExpandWidth(factor=factor, like=self.original)],
-                                  inplace=True)
+                                  example_kwargs=self.example_kwargs, inplace=True)
         self.fraction = fraction
         return width_derivations(model, before, result.plan)
 
@@ -165,7 +185,8 @@ class GrowthTrainer:
         self.stage, self.steps = 0, 0
         self.before_growth: list[Callable[[GrowthTrainer], None]] = []
         self.after_growth: list[Callable[[GrowthTrainer], None]] = []
-        remap_optimizer(optimizer, grower.cut(model, self.fraction(0)) or {}, model.parameters())
+        grower.on_cut = lambda derivations: remap_optimizer(optimizer, derivations, model.parameters())
+        grower.on_cut(grower.cut(model, self.fraction(0)) or {})
         self._hook = optimizer.register_step_post_hook(self._after_step)
         optimizer.fxsparse_growth = self
 
