@@ -8,6 +8,7 @@ from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
 from fxsparse.passes.shape_inference import ShapeInference
 from fxsparse.passes.shrink import Shrink
+from fxsparse.passes.sparsify import Sparsify
 
 # Default providers of the facts passes require: the pass manager inserts these when a pass needs one.
 PROVIDERS = {
@@ -16,10 +17,10 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, ExpandDepth,
-                                     ExpandWidth)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, Sparsify,
+                                    ExpandDepth, ExpandWidth)}
 
 __all__ = [
     "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
-    "ExpandDepth", "ExpandWidth", "PROVIDERS", "PASSES",
+    "Sparsify", "ExpandDepth", "ExpandWidth", "PROVIDERS", "PASSES",
 ]

@@ -239,3 +239,16 @@ def test_remap_optimizer_gathers_and_scales_the_state_of_a_derived_parameter():
     assert torch.equal(optimizer.state[new]["exp_avg"], moments[index] * 0.5)
     assert torch.equal(optimizer.state[new]["exp_avg_sq"], squares[index] * 0.25)
     optimizer.step()  # the optimizer works on with the new parameter
+
+
+def test_growth_benchmark_runs_quickly_and_prints_its_table():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "growth_training.py"
+    completed = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = [line.split() for line in completed.stdout.splitlines() if line.startswith(("dense ", "depth "))]
+    assert [row[0] for row in rows] == ["dense", "depth"], completed.stdout
+    assert "blocks 2" in completed.stdout and "blocks 4" in completed.stdout  # grown from 1 to 2 to 4 blocks
