@@ -258,3 +258,15 @@ def test_msmodelslim_documentation_example_runs_unchanged_with_width_growth():
     assert same is model and sizes[0] < sizes[19] < sizes[49] == original_model_params
     assert sizes[18] == sizes[0] and sizes[48] == sizes[19]  # grown after 20 and 50 optimizer steps
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_hugging_face_model_grows_in_place():
+    model, inputs = tiny_hf_model("gpt2")
+    with torch.no_grad():
+        before = model(**inputs).logits
+    fxsparse.expand_width(model, inputs)
+    attention = model.transformer.h[0].attn
+    assert attention.c_attn.nf == 3 * 64 and attention.num_heads == 8 and attention.split_size == 64
+    assert model.transformer.h[0].mlp.c_fc.nf == 256 and model.config.n_inner == 256
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-5)
