@@ -10,7 +10,7 @@ Time counts training only (evaluation excluded), as wall seconds and as this pro
 CPU wall time is noisy (other work slows a run down), CPU time much less so (one thread).
 
     python benchmarks/growth_training.py                 # dense vs depth growth
-    python benchmarks/growth_training.py --width         # also width growth (needs passes.ExpandWidth)
+    python benchmarks/growth_training.py --width         # also width growth (sparse_model_width)
     python benchmarks/growth_training.py --plot curves.png
     python benchmarks/growth_training.py --quick         # a few steps, to check that it runs
 """
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stages", type=lambda text: [int(v) for v in text.split(",")], default=[2, 2, -1],
                         help="epochs_each_stage of the grown runs, an epoch being 1/8 of --steps (default 2,2,-1)")
-    parser.add_argument("--width", action="store_true", help="also width growth (needs passes.ExpandWidth)")
+    parser.add_argument("--width", action="store_true", help="also width growth (sparse_model_width)")
     parser.add_argument("--plot", help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="a few steps on little data, to check that it runs")
     args = parser.parse_args(argv)

@@ -3,9 +3,13 @@ grows only uniformly, a cut model grows back to exactly its widths, plans replay
 from __future__ import annotations
 
 import copy
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fxsparse
@@ -270,3 +274,39 @@ def test_hugging_face_model_grows_in_place():
     assert model.transformer.h[0].mlp.c_fc.nf == 256 and model.config.n_inner == 256
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, before, atol=1e-5)
+
+
+def _ddp_width_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+        original = n_params(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))  # different data on each rank
+        sparse_model_width(model, optimizer, 1, [1, 1, -1], example_inputs=x)
+        wrapped = [nn.parallel.DistributedDataParallel(model)]
+        # the recipe: after a growth, wrap the model again (DDP holds the parameters it was built with)
+        optimizer.fxsparse_growth.after_growth.append(
+            lambda t: wrapped.__setitem__(0, nn.parallel.DistributedDataParallel(model)))
+        for _ in range(4):
+            optimizer.zero_grad()
+            wrapped[0](x).square().mean().backward()
+            optimizer.step()
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        results[rank] = (n_params(model) == original, float((gathered[0] - gathered[1]).abs().max()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_hold_identical_weights_after_width_growth():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_width_worker, args=(2, port, results), nprocs=2, join=True)
+    assert results[0] == results[1] == (True, 0.0)
