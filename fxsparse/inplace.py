@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
-from .modules import PaddedConstantCorrection
+from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
 from .verify import verify_equivalent
 
@@ -99,7 +99,8 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
-    """Border corrections as a child module next to the layer and a forward hook that adds its output."""
+    """Border corrections inside the layer they correct: the convolution at its path becomes a
+    BorderCorrectedConv (same class family, same parameter names) holding the correction as a child."""
     for record in plan.folds:
         if record["kind"] != "correction":
             continue
@@ -111,12 +112,15 @@ def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
                                                   layer.stride, layer.padding, layer.dilation)
         if not isinstance(correction, PaddedConstantCorrection):
             raise FxsparseError(f"{record['name']!r} in the compiled module is not a border correction")
-        parent_path, _, child = record["name"].rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        parent.add_module(child, PaddedConstantCorrection(correction.weight.detach().clone(), correction.stride,
-                                                          correction.padding, correction.dilation))
-        fix = getattr(parent, child)
-        layer.register_forward_hook(lambda _m, inputs, output, fix=fix: output + fix(inputs[0]))
+        prefix = f"{record['owner']}." if record["owner"] else ""
+        child = record["name"][len(prefix):] if record["name"].startswith(prefix) else ""
+        corrected = with_border_correction(layer, child, PaddedConstantCorrection(
+            correction.weight.detach().clone(), correction.stride, correction.padding, correction.dilation))
+        if corrected is None or not record["owner"] or not child or "." in child:
+            raise FxsparseError(f"{record['owner'] or 'the model'} ({type(layer).__name__}) needs a border "
+                                "correction, which only an nn.Conv1d/2d/3d below the model can hold in place; "
+                                "use result.module")
+        set_attr_value(model, record["owner"], corrected)
 
 
 def _resize_attributes(model: nn.Module, source: nn.Module) -> None:
