@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
+from .masks import tensor_names
 from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
 from .verify import verify_equivalent
@@ -85,8 +86,10 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
             weight = state.get(f"{record['owner']}.weight", own.get(f"{record['owner']}.weight"))
             state[record["name"]] = torch.zeros(_out_width(model.get_submodule(record["owner"])) if weight.dim() == 2
                                                 else weight.shape[0], dtype=weight.dtype)
+    aliases = tensor_names(model)  # tied weights: every name of one tensor gets the one new tensor
+    done: set[str] = set()
     for name, value in state.items():
-        if name in own and own[name].shape == value.shape and name not in made:
+        if name in done or (name in own and own[name].shape == value.shape and name not in made):
             continue
         if name not in own and name not in made:
             continue  # a border correction's kernel: moved with its module below
@@ -95,7 +98,9 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
         tensor = value.detach().clone()
         if isinstance(old, nn.Parameter) or old is None:
             tensor = nn.Parameter(tensor, requires_grad=requires_grad)
-        set_attr_value(model, name, tensor)
+        for alias in aliases.get(id(old), [name]) if old is not None else [name]:
+            set_attr_value(model, alias, tensor)
+            done.add(alias)
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
