@@ -58,13 +58,14 @@ class _Snapshot:
     """Enough of every submodule's state to put it back: its dicts of parameters, buffers, children, attributes."""
 
     def __init__(self, root: nn.Module):
-        self.saved = [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+        self.saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
                       for m in root.modules()]
         config = getattr(root, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
 
     def restore(self) -> None:
-        for module, state in self.saved:
+        for module, cls, state in self.saved:
+            module.__class__ = cls  # a convolution given a border correction changed class
             vars(module).clear()
             vars(module).update(state)
         if self.config is not None:
@@ -104,8 +105,8 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
-    """Border corrections inside the layer they correct: the convolution at its path becomes a
-    BorderCorrectedConv (same class family, same parameter names) holding the correction as a child."""
+    """Border corrections inside the layer they correct: the convolution becomes its BorderCorrectedConv subclass
+    (same object, same parameter names) holding the correction as a child."""
     for record in plan.folds:
         if record["kind"] != "correction":
             continue
@@ -119,13 +120,13 @@ def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
             raise FxsparseError(f"{record['name']!r} in the compiled module is not a border correction")
         prefix = f"{record['owner']}." if record["owner"] else ""
         child = record["name"][len(prefix):] if record["name"].startswith(prefix) else ""
+        if not child or "." in child:
+            raise FxsparseError(f"border correction {record['name']!r} is not a child of {record['owner']!r}")
         corrected = with_border_correction(layer, child, PaddedConstantCorrection(
             correction.weight.detach().clone(), correction.stride, correction.padding, correction.dilation))
-        if corrected is None or not record["owner"] or not child or "." in child:
+        if corrected is None:
             raise FxsparseError(f"{record['owner'] or 'the model'} ({type(layer).__name__}) needs a border "
-                                "correction, which only an nn.Conv1d/2d/3d below the model can hold in place; "
-                                "use result.module")
-        set_attr_value(model, record["owner"], corrected)
+                                "correction, which only an nn.Conv1d/2d/3d can hold in place; use result.module")
 
 
 def _resize_attributes(model: nn.Module, source: nn.Module) -> None:

@@ -61,22 +61,18 @@ class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
 _CORRECTED = {nn.Conv1d: BorderCorrectedConv1d, nn.Conv2d: BorderCorrectedConv2d, nn.Conv3d: BorderCorrectedConv3d}
 
 
-def with_border_correction(conv: nn.Module, name: str, correction: PaddedConstantCorrection) -> nn.Module:
-    """``conv`` (an nn.Conv1d/2d/3d, or one already corrected) with ``correction`` as its child ``name``.
-
-    Returns a new module sharing ``conv``'s tensors (``conv`` itself is left as it was, so a failed in-place
-    compile can put it back); None when ``conv`` is not a convolution this can correct (a subclass with its own
-    forward, a module calling a functional convolution)."""
-    if isinstance(conv, _BorderCorrected):
-        cls = type(conv)
-    else:
+def with_border_correction(conv: nn.Module, name: str, correction: PaddedConstantCorrection) -> nn.Module | None:
+    """Give ``conv`` (an nn.Conv1d/2d/3d, or one already corrected) ``correction`` as its child ``name``, in place:
+    the same object becomes its BorderCorrectedConv subclass, so whoever holds it (an optimizer, a hook, the
+    user's own reference) keeps holding the model's layer. Returns it; None when ``conv`` is not a convolution
+    this can correct (a subclass with its own forward, a module calling a functional convolution)."""
+    if not isinstance(conv, _BorderCorrected):
         cls = _CORRECTED.get(type(conv))
         if cls is None:
             return None
-    corrected = cls.__new__(cls)
-    vars(corrected).update({k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(conv).items()})
-    corrected.add_module(name, correction)
-    return corrected
+        conv.__class__ = cls
+    conv.add_module(name, correction)
+    return conv
 
 
 class DotProductAttention(nn.Module):

@@ -32,14 +32,16 @@ def pruned():
     model = padded_net()
     with torch.no_grad():
         expected = fxsparse.compile(model, X, passes=[Prune(ratio=0.5), Shrink()], verify=False).module(X)
+    conv = model[2]
     result = fxsparse.compile(model, X, passes=[Prune(ratio=0.5), Shrink()], inplace=True)
-    return model, result, expected
+    return model, result, expected, conv
 
 
 def test_the_correction_is_inside_the_conv_and_the_sequential_keeps_its_layers(pruned):
-    model, result, expected = pruned
+    model, result, expected, conv = pruned
     assert "correction" in [r["kind"] for r in result.plan.folds]
     assert len(model) == 7 and isinstance(model[2], BorderCorrectedConv2d) and isinstance(model[2], nn.Conv2d)
+    assert model[2] is conv  # the same object: an optimizer or hook holding it still holds the layer
     assert isinstance(model[2].border_correction, PaddedConstantCorrection)
     assert model[0].out_channels == 4 and model[2].in_channels == 4
     assert set(model.state_dict()) == set(result.module.state_dict())  # checkpoints move between the two
@@ -50,7 +52,7 @@ def test_the_correction_is_inside_the_conv_and_the_sequential_keeps_its_layers(p
 
 
 def test_the_corrected_model_saves_copies_and_trains(pruned):
-    model, _, _ = pruned
+    model, _, _, _ = pruned
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -71,7 +73,7 @@ def test_the_corrected_model_saves_copies_and_trains(pruned):
 
 
 def test_a_corrected_model_compiles_again_in_place_and_out(pruned):
-    model, _, _ = pruned
+    model, _, _, _ = pruned
     again = fxsparse.compile(model, X, passes=[Prune(ratio=0.5), Shrink()])  # verified by the pass manager
     with torch.no_grad():
         reference = model(X)
@@ -83,10 +85,27 @@ def test_a_corrected_model_compiles_again_in_place_and_out(pruned):
 
 
 def test_apply_plan_rebuilds_the_corrected_architecture_and_the_checkpoint_loads(pruned):
-    model, result, _ = pruned
+    model, result, _, _ = pruned
     fresh = padded_net()
     fxsparse.apply_plan(fresh, result.plan)
     assert isinstance(fresh[2], BorderCorrectedConv2d)
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(X), model(X))
+
+
+def test_a_failed_in_place_compile_puts_the_conv_class_back(monkeypatch):
+    import fxsparse.inplace as inplace
+
+    model = padded_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(model, source):
+        raise RuntimeError("injected failure after the corrections were added")
+
+    monkeypatch.setattr(inplace, "_resize_attributes", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        fxsparse.compile(model, X, passes=[Prune(ratio=0.5), Shrink()], inplace=True)
+    assert type(model[2]) is nn.Conv2d and not list(model[2].children())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
