@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .context import CompileContext
-from .errors import BadArgumentError
+from .errors import BadArgumentError, PlanMismatchError
 from .inplace import apply_result
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
@@ -194,10 +194,61 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
         args, kwargs = inputs_from_description(plan.inputs)
     else:
         args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
-    masks = {name: mask for name, mask in plan_masks(plan).items() if name in dict(model.named_parameters())}
-    result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
-                     frontend=plan.frontend or "auto", lower_modules=False)
-    return apply_result(model, result.module, plan, args, kwargs)
+    weight_masks = _weight_masks_for(model, plan)  # checked before anything changes
+    early = plan.masks_before_shrink()
+    params = dict(model.named_parameters())
+    dense = {name: params[name].detach().clone() for name in early}
+    try:
+        _multiply(params, plan.sparsity_masks(final=False), early)
+        if plan.is_structural or not plan.masks:
+            masks = {name: mask for name, mask in plan_masks(plan).items() if name in params}
+            result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
+                             frontend=plan.frontend or "auto", lower_modules=False)
+            apply_result(model, result.module, plan, args, kwargs)
+    except Exception:
+        with torch.no_grad():
+            for name, value in dense.items():
+                params[name].copy_(value)
+        raise
+    _multiply(dict(model.named_parameters()), weight_masks, set(weight_masks) - early)
+    return model
+
+
+def _multiply(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], names: set[str]) -> None:
+    with torch.no_grad():
+        for name in names:
+            params[name].mul_(masks[name])
+
+
+def _weight_masks_for(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """The plan's weight-sparsity masks, each checked against the model's parameter (PlanMismatchError)."""
+    params = dict(model.named_parameters())
+    masks = plan.sparsity_masks()
+    for name, keep in masks.items():
+        if name not in params:
+            raise PlanMismatchError(f"the plan masks {name!r}, which is not a parameter of the model")
+        if list(keep.shape) != plan.shapes_after.get(name, list(keep.shape)):
+            raise PlanMismatchError(f"the plan's mask for {name!r} has shape {list(keep.shape)}, the planned "
+                                    f"parameter {plan.shapes_after[name]}")
+    return masks
+
+
+def permute_channels(model: torch.nn.Module, example_inputs: Any = None, pattern: str = "2:4",
+                     optimizers: Sequence[torch.optim.Optimizer] = (), *, example_kwargs: dict | None = None,
+                     companions: dict[str, list[torch.Tensor]] | None = None, **options: Any) -> CompileResult:
+    """Reorder ``model``'s channels in place so that ``pattern`` (N:M) sparsity keeps more magnitude, without
+    changing what it computes (verified). The same Parameter objects are written, so ``optimizers`` keep working,
+    and their state (momentum, Adam's moments) is reordered with the weights, as is every tensor in
+    ``companions[param name]``. ``options`` go to :class:`fxsparse.passes.ChannelPermutation` (consumers, seed,
+    kicks). Returns the compile result (its report and plan say what moved)."""
+    from fxsparse.passes import ChannelPermutation
+
+    from .inplace import permute_in_place
+
+    result = compile(model, example_inputs, [ChannelPermutation(pattern, **options)], example_kwargs=example_kwargs,
+                     lower_modules=False)
+    permute_in_place(model, result.plan, tuple(optimizers), companions)
+    return result
 
 
 def load(path: str | Path) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
-from .masks import tensor_names
+from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
 from .verify import verify_equivalent
@@ -87,21 +87,25 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
             weight = state.get(f"{record['owner']}.weight", own.get(f"{record['owner']}.weight"))
             state[record["name"]] = torch.zeros(_out_width(model.get_submodule(record["owner"])) if weight.dim() == 2
                                                 else weight.shape[0], dtype=weight.dtype)
-    aliases = tensor_names(model)  # tied weights: every name of one tensor gets the one new tensor
-    done: set[str] = set()
+    # weights a sparsity mask changed keep their shape; they are replaced too, once for all names of a shared one
+    masked = {id(own[name]) for name in plan.masks if name in own}
+    replaced: dict[int, torch.Tensor] = {}
     for name, value in state.items():
-        if name in done or (name in own and own[name].shape == value.shape and name not in made):
+        if name in own and own[name].shape == value.shape and name not in made and id(own[name]) not in masked:
             continue
         if name not in own and name not in made:
             continue  # a border correction's kernel: moved with its module below
         old = own.get(name)
+        if old is not None and id(old) in replaced:
+            set_attr_value(model, name, replaced[id(old)])
+            continue
         requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
         tensor = value.detach().clone()
         if isinstance(old, nn.Parameter) or old is None:
             tensor = nn.Parameter(tensor, requires_grad=requires_grad)
-        for alias in aliases.get(id(old), [name]) if old is not None else [name]:
-            set_attr_value(model, alias, tensor)
-            done.add(alias)
+        set_attr_value(model, name, tensor)
+        if old is not None:
+            replaced[id(old)] = tensor
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
@@ -246,6 +250,7 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
     snapshot = _Snapshot(model)
     was_training = model.training
     try:
+        apply_growth(model, plan)  # blocks a growth inserted, so that their tensors have a place to go
         with torch.no_grad():
             _move_tensors(model, source.state_dict(), plan)
         _add_corrections(model, source, plan)
@@ -258,3 +263,32 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
         raise
     model.train(was_training)
     return model
+
+
+def permute_in_place(model: nn.Module, plan: Plan, optimizers: tuple = (),
+                     companions: dict[str, list[torch.Tensor]] | None = None) -> list[str]:
+    """Reorder ``model``'s own tensors by a plan whose index maps keep every shape (a channel permutation): each
+    parameter and buffer is written in place (the same Parameter objects, so optimizers and hooks keep them), and so
+    is every optimizer state tensor of a parameter's shape (momentum, Adam's moments) and every tensor in
+    ``companions[name]`` (e.g. a sparsity mask kept beside a weight). Returns the names of the tensors moved."""
+    state = dict(model.state_dict(keep_vars=True))
+    moved = []
+    with torch.no_grad():
+        for name, dims in plan.kept.items():
+            tensor = state.get(name)
+            if tensor is None:
+                continue
+            if any(len(index) != tensor.shape[dim] for dim, index in dims.items()):
+                raise PlanMismatchError(f"permute_in_place: the plan changes the shape of {name!r}; it is no "
+                                        "permutation (use apply_plan)")
+            related = [tensor] + list((companions or {}).get(name, []))
+            for optimizer in optimizers:
+                related += [value for value in optimizer.state.get(tensor, {}).values()
+                            if isinstance(value, torch.Tensor) and value.shape == tensor.shape]
+            for target in related:
+                gathered = target
+                for dim, index in dims.items():
+                    gathered = gathered.index_select(dim, torch.as_tensor(index, device=target.device))
+                target.copy_(gathered)
+            moved.append(name)
+    return moved

@@ -7,6 +7,7 @@ and re-applied by another, and a person can read it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import platform
 from dataclasses import dataclass, field
@@ -26,6 +27,27 @@ def _version() -> str:
     return __version__
 
 
+def pack_bits(keep: torch.Tensor) -> str:
+    """A bool tensor as base64 text, 8 entries a byte (row-major): a 4096 x 4096 mask is 2.8 MB of JSON."""
+    flat = keep.detach().flatten().to(torch.uint8).cpu()
+    padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (padded * weights).sum(dim=1, dtype=torch.uint8)
+    return base64.b64encode(packed.numpy().tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, shape: list[int]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    bits = raw.unsqueeze(1).bitwise_right_shift(torch.arange(7, -1, -1, dtype=torch.uint8)).bitwise_and(1)
+    count = 1
+    for size in shape:
+        count *= size
+    if bits.numel() < count:
+        raise PlanMismatchError(f"a recorded mask holds {bits.numel()} bits, its shape {shape} needs {count}")
+    return bits.flatten()[:count].bool().reshape(shape)
+
+
 @dataclass
 class Plan:
     """``kept[param][dim] = sorted kept indices``; ``shapes_before`` lets a fresh model be checked against it."""
@@ -42,6 +64,8 @@ class Plan:
     folds: list[dict[str, str]] = field(default_factory=list)  # constants kept in a made bias or correction
     inputs: dict[str, Any] = field(default_factory=dict)  # shapes and dtypes of the example inputs
     extra: dict[str, Any] = field(default_factory=dict)
+    # weight sparsity: param -> {"shape", "bits" (packed keep-mask, base64), and what made it: pattern, layout...}
+    masks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def record_pass(self, name: str, settings: dict[str, Any]) -> None:
         self.passes.append({"name": name, "settings": settings})
@@ -66,6 +90,28 @@ class Plan:
         """Whether some recorded index map reorders or repeats indices (not a plain sorted subset)."""
         return any(list(k) != sorted(set(k)) for dims in self.kept.values() for k in dims.values())
 
+    def record_mask(self, param: str, keep: torch.Tensor, **info: Any) -> None:
+        """Record a weight's keep-mask (a later mask of the same weight replaces it), packed 8 entries a byte."""
+        self.masks[param] = {**info, "shape": list(keep.shape), "bits": pack_bits(keep)}
+
+    def sparsity_masks(self, final: bool = True) -> dict[str, torch.Tensor]:
+        """``{param: bool keep-mask}`` of every recorded mask, in the parameter's planned final shape (a mask made
+        before a shrink is cut to the indices the shrink kept), or with ``final=False`` as it was recorded."""
+        masks = {}
+        for param, entry in self.masks.items():
+            keep = unpack_bits(entry["bits"], entry["shape"])
+            if final and entry["shape"] != self.shapes_after.get(param, entry["shape"]):
+                for dim, index in self.kept.get(param, {}).items():
+                    keep = keep.index_select(dim, torch.tensor(index, dtype=torch.long))
+            masks[param] = keep
+        return masks
+
+    def masks_before_shrink(self) -> set[str]:
+        """The masked weights whose mask was made before a shrink changed their shape: a replay applies those masks
+        before the structural changes, in the order the compile ran them."""
+        return {param for param, entry in self.masks.items()
+                if entry["shape"] == self.shapes_before.get(param) != self.shapes_after.get(param)}
+
     @property
     def is_structural(self) -> bool:
         return bool(self.kept)
@@ -87,6 +133,7 @@ class Plan:
             "folds": self.folds,
             "inputs": self.inputs,
             "extra": self.extra,
+            "masks": self.masks,
         }
 
     @classmethod
@@ -114,6 +161,7 @@ class Plan:
             folds=list(data.get("folds", [])),
             inputs=dict(data.get("inputs", {})),
             extra=dict(data.get("extra", {})),
+            masks={p: dict(entry) for p, entry in data.get("masks", {}).items()},  # absent from older plans
         )
 
     def to_json(self) -> str:

@@ -522,8 +522,8 @@ def test_distillation_under_ddp_keeps_the_student_in_sync():
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    # fork: the workers need nothing re-imported, which keeps this test short on a busy machine
-    mp.start_processes(_ddp_worker, args=(2, port, results), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked worker cannot run autograd once the parent has (other tests ran backward before)
+    mp.start_processes(_ddp_worker, args=(2, port, results), nprocs=2, join=True, start_method="spawn")
     assert torch.equal(results[0], results[1])
     untrained = torch.cat([p.flatten() for p in SmallCNN(width=4).parameters()])
     assert len(results[0]) == len(untrained) + 4 * 8  # the student's parameters and the 4 -> 8 projection
