@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -42,11 +43,12 @@ def _status_kib(field: str) -> int | None:
         return None
 
 
-def build(quick: bool):
+def build(quick: bool, layers: int | None = None):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**(QUICK if quick else FULL), max_position_embeddings=2048, use_cache=False)
+    shape = dict(QUICK if quick else FULL, **({"num_hidden_layers": layers} if layers else {}))
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=2048, use_cache=False)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
     return model, ids
@@ -56,8 +58,9 @@ def prune_fxsparse(model, ids, ratio: float) -> None:
     import fxsparse
     from fxsparse import passes
 
-    fxsparse.compile(model, example_kwargs={"input_ids": ids}, example_inputs=(),
-                     passes=[passes.Prune(ratio=ratio, importance="l2"), passes.Shrink()], inplace=True)
+    result = fxsparse.compile(model, example_kwargs={"input_ids": ids}, example_inputs=(),
+                              passes=[passes.Prune(ratio=ratio, importance="l2"), passes.Shrink()], inplace=True)
+    print(result.report.timing_table(), file=sys.stderr, flush=True)
 
 
 def prune_torch_pruning(model, ids, ratio: float) -> None:
@@ -78,12 +81,12 @@ def prune_torch_pruning(model, ids, ratio: float) -> None:
                 m.num_key_value_groups = pruner.num_heads[m.q_proj] // pruner.num_heads[m.k_proj]
 
 
-def run_tool(tool: str, quick: bool, ratio: float) -> dict:
+def run_tool(tool: str, quick: bool, ratio: float, layers: int | None = None) -> dict:
     """In this (child) process: build, prune in place, check the pruned model runs; figures as a dict."""
     import transformers  # noqa: F401 - imported before the baseline is read, so it is not counted as the prune's
 
     baseline = _status_kib("VmRSS")
-    model, ids = build(quick)
+    model, ids = build(quick, layers)
     params = sum(p.numel() for p in model.parameters())
     weight_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     row = {"tool": tool, "params before": params, "weights GiB": round(weight_gib, 2)}
@@ -111,20 +114,24 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--tools", nargs="+", default=["fxsparse", "Torch-Pruning"])
     parser.add_argument("--timeout", type=int, default=600, help="seconds per tool")
+    parser.add_argument("--layers", type=int, help="fewer layers than 22, to see how the time scales")
     parser.add_argument("--tool", help=argparse.SUPPRESS)  # set in the child processes
     args = parser.parse_args()
     if args.tool:
-        print(json.dumps(run_tool(args.tool, args.quick, args.ratio)))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+        print(json.dumps(run_tool(args.tool, args.quick, args.ratio, args.layers)))
         return
     rows = []
     for tool in args.tools:
         command = [sys.executable, __file__, "--tool", tool, "--ratio", str(args.ratio)] + ["--quick"] * args.quick
+        command += ["--layers", str(args.layers)] if args.layers else []
         print(f"running {tool} ...", flush=True)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            # the child's progress (stderr) goes straight to the terminal, so a run past the limit shows its stage
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
             last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
             rows.append(json.loads(last) if last.startswith("{") else
-                        {"tool": tool, "ok": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"})
+                        {"tool": tool, "ok": f"exit {done.returncode} (see its output above)"})
         except subprocess.TimeoutExpired:
             rows.append({"tool": tool, "ok": f"over the {args.timeout} s limit"})
     print(tabulate(rows, headers="keys"))
