@@ -1,6 +1,8 @@
 """The public entry points: compile, load."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch.fx as fx
 
 from .context import CompileContext
 from .errors import BadArgumentError, PlanMismatchError
+from .graph_utils import iter_tensors
 from .inplace import apply_result
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
@@ -20,7 +23,7 @@ from .plan import Plan
 from .report import Report
 from .serialize import PLAN_FILE, REPORT_FILE, load_module, save_module
 from .trace import Traced, prepare_model, trace_module
-from .verify import verify_equivalent
+from .verify import check_tolerance, verify_equivalent
 
 log = logging.getLogger("fxsparse")
 
@@ -42,26 +45,40 @@ class CompileResult:
         return path
 
 
-def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
-    """Pass objects from what the user wrote: instances, or names of passes with default settings."""
-    from fxsparse.passes import PASSES
+def resolve_passes(passes: Any) -> list[Pass]:
+    """Pass objects from what the user wrote: instances, pass classes that need no arguments, or names of passes
+    (``"Prune"`` or ``"prune"``) with default settings."""
+    from fxsparse.passes import pass_class
 
+    if isinstance(passes, (str, Pass, dict)) or not isinstance(passes, Iterable):
+        raise BadArgumentError(f"passes must be a list of passes or pass names, e.g. ['prune', 'shrink'], "
+                               f"not {type(passes).__name__}")
     resolved: list[Pass] = []
-    for index, p in enumerate(passes):
+    for index, p in enumerate(list(passes)):
         if isinstance(p, Pass):
             resolved.append(p)
         elif isinstance(p, str):
-            if p not in PASSES:
-                raise BadArgumentError(f"passes[{index}]: unknown pass {p!r}; known passes: {sorted(PASSES)}")
-            resolved.append(PASSES[p]())
+            resolved.append(_build_pass(pass_class(p, f"passes[{index}]"), index))
         elif isinstance(p, type) and issubclass(p, Pass):
-            resolved.append(p())
+            resolved.append(_build_pass(p, index))
         else:
             raise BadArgumentError(f"passes[{index}] is {p!r}: give a pass object or a pass name")
     return resolved
 
 
-def _verifier(tolerance: float | None):
+def _build_pass(cls: type[Pass], index: int) -> Pass:
+    """``cls()``, or a BadArgumentError naming the arguments it cannot do without."""
+    required = [name for name, parameter in inspect.signature(cls).parameters.items()
+                if parameter.default is parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL,
+                                                                                      parameter.VAR_KEYWORD)]
+    if required:
+        arguments = ", ".join(f"{name}=..." for name in required)
+        raise BadArgumentError(f"passes[{index}] is the class {cls.__name__}, which needs {', '.join(required)}: "
+                               f"give an instance, {cls.__name__}({arguments})")
+    return cls()
+
+
+def _verifier(tolerance: float | str | None):
     def verify(ctx: CompileContext, p: Pass) -> dict[str, Any]:
         return verify_equivalent(ctx.reference, ctx.module, ctx.args, ctx.kwargs, tolerance=tolerance, what=p.name)
 
@@ -76,7 +93,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     example_kwargs: dict | None = None,
     frontend: str = "auto",
     verify: bool = True,
-    tolerance: float | None = 1e-4,
+    tolerance: float | str | None = "auto",
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict | None = None,
     inplace: bool = False,
@@ -86,10 +103,11 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
 
     Every pass that rewrites the model is followed, when ``verify`` is on, by a comparison of the rewritten module
     with its reference on random inputs shaped like ``example_inputs``; a relative difference above ``tolerance``
-    raises :class:`~fxsparse.errors.VerificationError`. The user's model is never modified, unless ``inplace``:
-    then its own modules are resized to compute what ``result.module`` computes (same classes and attribute
-    names, so its training loop, ``generate()`` and ``save_pretrained()`` keep working); if that fails the model
-    is left as it was.
+    raises :class:`~fxsparse.errors.VerificationError` (``"auto"``: 1e-4, or what the output dtype's precision
+    allows for float16 and bfloat16 models, see :func:`fxsparse.verify.tolerance_for`). The user's model is never
+    modified, unless ``inplace``: then its own modules are resized to compute what ``result.module`` computes
+    (same classes and attribute names, so its training loop, ``generate()`` and ``save_pretrained()`` keep
+    working); if that fails the model is left as it was, buffers included.
 
     ``lower_modules``: first rewrite the modules the op-rule table cannot see into (nn.MultiheadAttention) as ops it
     can, so that the attention heads inside them can be pruned (see :mod:`fxsparse.lower`). A lowered module no longer
@@ -99,13 +117,16 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     from fxsparse.passes import PROVIDERS
 
     pass_list = resolve_passes(passes)
+    check_tolerance(tolerance)
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
+    _check_values_available(model, args, kwargs, pass_list)
     prepared = prepare_model(model)
     traced = trace_module(prepared, args, kwargs, frontend, leaf_modules, concrete_args)
     ctx = CompileContext(traced.module, traced.frontend, args, kwargs, verify=verify)
     ctx.plan.model = type(model).__name__
     ctx.plan.frontend = traced.frontend
-    ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items()}
+    own = set(model.state_dict())  # not the tensors tracing makes (torch.tensor(2.0) in a forward)
+    ctx.plan.shapes_before = {n: list(t.shape) for n, t in traced.module.state_dict().items() if n in own}
     ctx.plan.inputs = describe_inputs(args, kwargs)
     if traced.shapes:
         ctx.facts["traced_shapes"] = traced.shapes
@@ -115,13 +136,39 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))
     for record_pass in manager.passes:
         ctx.plan.record_pass(record_pass.name, record_pass.settings())
-    ctx.plan.shapes_after = {n: list(t.shape) for n, t in ctx.module.state_dict().items()}
+    ctx.plan.shapes_after = _planned_shapes(ctx.module, own, ctx.plan)
     after = describe(ctx.module, args, kwargs)
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes + notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
     if inplace:
         apply_result(model, result.module, result.plan, args, kwargs, tolerance)
     return result
+
+
+def _planned_shapes(module: torch.nn.Module, own: set[str], plan: Plan) -> dict[str, list[int]]:
+    """Shapes of the compiled module's tensors that a fresh model has or gets from the plan: the model's own, and
+    those a pass made and recorded (a folded bias, the parts of a lowered module); not the constants tracing made."""
+    made = {record["name"] for record in plan.folds}
+    lowered = tuple(f"{path}." for path in plan.extra.get("lowered", []))
+    return {n: list(t.shape) for n, t in module.state_dict().items()
+            if n in own or n in made or n.rpartition(".")[0] in made or (lowered and n.startswith(lowered))}
+
+
+def _check_values_available(model: Any, args: tuple, kwargs: dict, pass_list: list[Pass]) -> None:
+    """A BadArgumentError when a pass must read values the meta device does not hold (analyses need only shapes)."""
+    wanting = [p.name for p in pass_list if p.needs_values or p.rewrites]
+    if not wanting:
+        return
+    if any(t.device.type == "meta" for t in iter_tensors((args, kwargs))):
+        where = "example_inputs are"
+    elif isinstance(model, torch.nn.Module) and any(t.device.type == "meta"
+                                                    for t in (*model.parameters(), *model.buffers())):
+        where = "the model's parameters are"
+    else:
+        return
+    raise BadArgumentError(f"{where} on the meta device, which holds shapes but no values: {', '.join(wanting)} "
+                           "must read values; build the model on a real device (shape inference and "
+                           "dependency_groups run on meta)")
 
 
 def _lowering(traced: Traced, lower_modules: bool, inplace: bool) -> tuple[list[Pass], list[str]]:
@@ -149,6 +196,16 @@ def prune(model: torch.nn.Module, example_inputs: Any = None, keep: float = 0.8,
     if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise BadArgumentError(f"keep must be a fraction in (0, 1], got {keep!r}")
     compile_options = {k: options.pop(k) for k in list(options) if k in _COMPILE_OPTIONS}
+    prune_options = [name for name in inspect.signature(Prune).parameters if name not in ("ratio", "step")]
+    for name in options:
+        if name == "ratio":
+            raise BadArgumentError("fxsparse.prune() takes keep, the fraction of channels kept (keep = 1 - ratio), "
+                                   "not ratio")
+        if name not in prune_options:
+            close = difflib.get_close_matches(name, [*prune_options, *_COMPILE_OPTIONS], n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise BadArgumentError(f"fxsparse.prune() got an unknown option {name!r}; {hint}it takes keep, "
+                                   f"{', '.join(prune_options)} and compile's {', '.join(_COMPILE_OPTIONS)}")
     return compile(model, example_inputs, [Prune(ratio=1.0 - keep, **options), Shrink()], **compile_options)
 
 

@@ -115,13 +115,10 @@ def load_model_spec(spec: str) -> tuple[torch.nn.Module, Any]:
 
 
 def parse_passes(text: str) -> list[str]:
-    from fxsparse.passes import PASSES
+    """``"prune,Shrink"`` -> ``["Prune", "Shrink"]``: the registered names of the passes listed."""
+    from fxsparse.passes import pass_class
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        if name not in PASSES:
-            raise BadArgumentError(f"--passes: unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
-    return names
+    return [pass_class(name.strip(), "--passes").name for name in text.split(",") if name.strip()]
 
 
 def parse_pass_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -129,12 +126,15 @@ def parse_pass_options(items: Sequence[str], names: Sequence[str]) -> dict[str, 
 
     A value is read as a Python literal (numbers, True, lists, dicts) when it is one, else kept as a string.
     """
+    from fxsparse.passes import pass_class
+
     options: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         pass_name, dot, option = key.partition(".")
         if not sep or not dot or not option:
             raise BadArgumentError(f"--option {item!r}: write it as PASS.OPTION=VALUE, e.g. Prune.ratio=0.3")
+        pass_name = pass_class(pass_name, f"--option {item!r}").name
         if pass_name not in names:
             raise BadArgumentError(f"--option {item!r}: pass {pass_name!r} is not in --passes ({', '.join(names)})")
         try:
@@ -159,7 +159,13 @@ def build_passes(names: Sequence[str], options: dict[str, dict[str, Any]]) -> li
         for option in options[name]:
             if option not in accepted:
                 raise BadArgumentError(f"--option {name}.{option}: {name} takes {', '.join(accepted) or 'no options'}")
-        passes.append(PASSES[name](**options[name]))
+        try:
+            passes.append(PASSES[name](**options[name]))
+        except (TypeError, ValueError) as error:
+            if isinstance(error, BadArgumentError):
+                raise
+            given = ", ".join(f"{name}.{k}={v!r}" for k, v in options[name].items())
+            raise BadArgumentError(f"--option {given}: {error}") from None
     return passes
 
 
@@ -172,7 +178,20 @@ def _compile(model: torch.nn.Module, inputs: Any, passes: Sequence[Any], fronten
     return fx_compile(model, inputs, list(passes), frontend=frontend, verify=verify)
 
 
+def check_output_path(option: str, path: str | None) -> None:
+    """BadArgumentError for an output path that cannot be written: checked before the compile, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise BadArgumentError(f"{option} {path!r} is a folder; give a file path, e.g. {target / 'out'}")
+    if not target.parent.is_dir():
+        raise BadArgumentError(f"{option} {path!r}: the folder {str(target.parent)!r} does not exist")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
+    for option, path in (("--output", args.output), ("--plan", args.plan), ("--report-json", args.report_json)):
+        check_output_path(option, path)
     names = parse_passes(args.passes)
     passes = build_passes(names, parse_pass_options(args.option, names))
     model, inputs = load_model_spec(args.model)

@@ -19,6 +19,7 @@ from .graph_utils import get_attr_value, set_attr_value
 from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
+from .trace import cache_disabled
 from .verify import verify_equivalent
 
 # size attributes of common layers, recomputed from their (already resized) parameters
@@ -55,13 +56,16 @@ def _out_width(module: nn.Module) -> int | None:
 
 
 class _Snapshot:
-    """Enough of every submodule's state to put it back: its dicts of parameters, buffers, children, attributes."""
+    """Enough of every submodule's state to put it back: its dicts of parameters, buffers, children, attributes,
+    and the values of its buffers, which a forward may change in place (BatchNorm's running statistics and
+    ``num_batches_tracked``, a counter of one's own)."""
 
     def __init__(self, root: nn.Module):
         self.saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
                       for m in root.modules()]
         config = getattr(root, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
+        self.buffers = _BufferValues(root)
 
     def restore(self) -> None:
         for module, cls, state in self.saved:
@@ -71,6 +75,20 @@ class _Snapshot:
         if self.config is not None:
             vars(self.config).clear()
             vars(self.config).update(self.config[1])
+        self.buffers.restore()
+
+
+class _BufferValues:
+    """The values of a module's buffers, to write back into the same tensors after a forward changed them."""
+
+    def __init__(self, root: nn.Module):
+        self.saved = [(buffer, buffer.detach().clone()) for buffer in root.buffers() if buffer.device.type != "meta"]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                if buffer.shape == value.shape:
+                    buffer.copy_(value)
 
 
 def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) -> None:
@@ -240,10 +258,11 @@ def _config_mismatches(model: nn.Module, config: Any, shapes: dict[str, tuple]) 
 
 
 def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, kwargs: dict,
-                 tolerance: float | None = 1e-4) -> nn.Module:
+                 tolerance: float | str | None = "auto") -> nn.Module:
     """Make ``model`` compute what ``source`` (the compiled GraphModule) computes, by resizing it in place.
 
-    ``tolerance``: the largest relative difference accepted (None: measure only)."""
+    ``tolerance``: the largest relative difference accepted (None: measure only). The check runs ``model``
+    itself, as it was traced (without a Hugging Face cache), and puts back the buffer values it changes."""
     if not isinstance(model, nn.Module):
         raise PlanMismatchError(f"can only apply a plan to an nn.Module, not {type(model).__name__}")
     plan.check_fits(model)
@@ -257,7 +276,12 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
         _resize_attributes(model, source)
         _update_config(model)
         model.eval()
-        verify_equivalent(source, model, args, kwargs, tolerance=tolerance, what="applying the plan in place")
+        checked_buffers = _BufferValues(model)
+        try:
+            with cache_disabled(model):
+                verify_equivalent(source, model, args, kwargs, tolerance=tolerance, what="applying the plan in place")
+        finally:
+            checked_buffers.restore()
     except Exception:
         snapshot.restore()
         raise

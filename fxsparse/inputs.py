@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .errors import BadArgumentError
+from .graph_utils import iter_tensors
 
 
 def normalize_example_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
@@ -29,9 +31,22 @@ def normalize_example_inputs(example_inputs: Any, example_kwargs: dict | None = 
         raise BadArgumentError(
             f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, not {type(example_inputs).__name__}"
         )
-    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+    tensors = list(iter_tensors((args, kwargs)))
+    if not tensors:
         raise BadArgumentError("example_inputs holds no tensor: the model must take at least one tensor input")
+    _check_not_empty(args, kwargs)
     return args, kwargs
+
+
+def _check_not_empty(args: tuple, kwargs: dict) -> None:
+    """A BadArgumentError for an input tensor whose batch is empty: nothing could be measured or verified on it."""
+    named = [(f"example_inputs[{i}]", v) for i, v in enumerate(args)] + [(f"example_inputs[{k!r}]", v)
+                                                                          for k, v in kwargs.items()]
+    for name, value in named:
+        for tensor in iter_tensors(value):
+            if tensor.dim() > 0 and tensor.shape[0] == 0:
+                raise BadArgumentError(f"{name} has a batch of size 0 (shape {tuple(tensor.shape)}): give at least "
+                                       "one example")
 
 
 def inputs_like(args: tuple, kwargs: dict, generator: torch.Generator | None = None) -> tuple[tuple, dict]:
@@ -50,7 +65,8 @@ def inputs_like(args: tuple, kwargs: dict, generator: torch.Generator | None = N
             return value.clone()
         return torch.randint(low, high, value.shape, dtype=value.dtype, generator=generator).to(value.device)
 
-    return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
+    fresh_args, fresh_kwargs = pytree.tree_map(fresh, (tuple(args), dict(kwargs)))  # lists of images too
+    return tuple(fresh_args), fresh_kwargs
 
 
 def describe_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:

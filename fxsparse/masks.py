@@ -16,8 +16,7 @@ from .graph_utils import get_attr_value, set_attr_value
 
 def normalize_masks(masks: dict[str, Any], module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{parameter name: bool mask of the parameter's full shape}``; raises MaskError naming a bad entry."""
-    if not isinstance(masks, dict):
-        raise MaskError(f"masks must be a dict of name -> mask, not {type(masks).__name__}")
+    check_mask_values(masks)
     params = dict(module.named_parameters())
     modules = dict(module.named_modules())
     out: dict[str, torch.Tensor] = {}
@@ -26,6 +25,21 @@ def normalize_masks(masks: dict[str, Any], module: torch.nn.Module) -> dict[str,
         full = _full_mask(target, mask, params[target])
         out[target] = full if target not in out else out[target] & full
     return out
+
+
+def check_mask_values(masks: Any) -> None:
+    """MaskError unless ``masks`` is a dict whose masks hold only 0 and 1 (or True and False): a 0.5 is neither
+    keep nor remove. Needs no model, so a pass can check at construction, before anything runs."""
+    if not isinstance(masks, dict):
+        raise MaskError(f"masks must be a dict of name -> mask, not {type(masks).__name__}")
+    for name, mask in _flat_entries(masks):
+        try:
+            values = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise MaskError(f"mask for {name!r} is a {type(mask).__name__}, not a tensor of 0 and 1") from None
+        if values.dtype != torch.bool and not bool(((values == 0) | (values == 1)).all()):
+            odd = values[(values != 0) & (values != 1)].flatten()[0].item()
+            raise MaskError(f"mask for {name!r} holds {odd!r}: a mask holds only 0 (remove) and 1 (keep)")
 
 
 def _flat_entries(masks: dict[str, Any]):

@@ -13,7 +13,8 @@ class Pass:
 
     ``requires`` and ``provides`` name facts (see :class:`CompileContext`). ``rewrites`` passes change the module;
     they invalidate every fact not listed in ``preserves`` and may be followed by verification.
-    ``run`` returns report rows: a list of dicts, one table row each.
+    ``run`` returns report rows: a list of dicts, one table row each. ``needs_values`` passes read the weights'
+    values (not only their shapes), as every rewriting pass does: they cannot run on the meta device.
     """
 
     name: ClassVar[str] = "pass"
@@ -21,6 +22,7 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     rewrites: ClassVar[bool] = False
     preserves: ClassVar[tuple[str, ...]] = ()
+    needs_values: ClassVar[bool] = False
 
     def run(self, ctx: CompileContext) -> list[dict[str, Any]]:
         raise NotImplementedError

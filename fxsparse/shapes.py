@@ -6,6 +6,8 @@ run (or that pin a device) fall back to torch's FakeTensorProp.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -127,6 +129,19 @@ def run_on_meta(gm: fx.GraphModule, args: tuple, kwargs: dict, counter: FlopCoun
     return propagator.unseen_flops
 
 
+@contextlib.contextmanager
+def _fake_tensor_log_silenced():
+    """FakeTensor logs a traceback for every op it fails to run, before raising; the failure is handled here (the
+    caller names it in one line), so the log is silenced while it runs."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
     """Annotate every node of ``gm`` with a storage-free value; returns the method used ("meta" or "fake")."""
     try:
@@ -137,7 +152,7 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
         fake_inputs = [mode.from_tensor(i) if isinstance(i, torch.Tensor) else i
                        for i in placeholder_values(gm, args, kwargs)]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _fake_tensor_log_silenced():
                 FakeTensorProp(gm, mode).propagate(*fake_inputs)
         except Exception as fake_error:  # noqa: BLE001
             raise FxsparseError(

@@ -147,6 +147,26 @@ def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -
     return ""
 
 
+@contextlib.contextmanager
+def cache_disabled(model: torch.nn.Module):
+    """Run ``model`` the way it is pruned: without a Hugging Face key/value cache.
+
+    A model built from a default config (``use_cache=True``) returns a ``DynamicCache`` that torch.export cannot
+    take as an output, and that no pruning pass uses. Inside this context ``model.config.use_cache`` is False; it
+    is restored on the way out. Yields a note for the report when it changed anything, else None.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield None
+        return
+    config.use_cache = False
+    try:
+        yield ("traced without the key/value cache (config.use_cache=False on fxsparse's copy), as models are "
+               "pruned: the compiled module returns no past_key_values")
+    finally:
+        config.use_cache = True
+
+
 def prepare_model(model: Any) -> torch.nn.Module:
     """A private eval-mode copy of ``model``: fxsparse never changes the user's module unless asked to."""
     if not isinstance(model, torch.nn.Module):
@@ -166,6 +186,45 @@ def trace_module(
     if frontend not in FRONTENDS:
         raise BadArgumentError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
     check_signature(model, args, kwargs)
+    with cache_disabled(model) as cache_note:
+        traced, failures = _trace_with_frontends(model, args, kwargs, frontend, leaf_modules, concrete_args)
+    if traced is not None:
+        traced.notes += [cache_note] if cache_note else []
+        return traced
+    whole_fails_symbolic = frontend != "export" or not _traces_symbolically(model, leaf_modules, concrete_args)
+    raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + _HINT
+                     + (_submodule_hint(model) if whole_fails_symbolic else ""))
+
+
+def _traces_symbolically(model: torch.nn.Module, leaf_modules=(), concrete_args=None) -> bool:
+    try:
+        _trace_symbolic(model, leaf_modules, concrete_args)
+    except Exception:  # noqa: BLE001 - it does not: that is all this asks
+        return False
+    return True
+
+
+def _submodule_hint(model: torch.nn.Module, tries: int = 4) -> str:
+    """Where a model does not trace whole (a detector taking a list of images, data-dependent heads), a part of it
+    often does: name the largest child that traces symbolically (of the ``tries`` largest; tracing runs nothing),
+    to be compiled in place inside the model."""
+    total = sum(p.numel() for p in model.parameters())
+    children = sorted(((sum(p.numel() for p in child.parameters()), name, child)
+                       for name, child in model.named_children()), key=lambda item: -item[0])
+    for count, name, child in children[:tries]:
+        if not count:
+            break
+        if not _traces_symbolically(child):
+            continue
+        return (f"\nOr prune a part that traces, in place inside the model: fxsparse.compile(model.{name}, "
+                f"its_inputs, passes, inplace=True) (model.{name} holds {count / total:.0%} of the parameters; "
+                "see 'Models that do not trace whole' in the README)")
+    return ""
+
+
+def _trace_with_frontends(model, args, kwargs, frontend, leaf_modules,
+                          concrete_args) -> tuple[Traced | None, list[str]]:
+    """The first frontend that traces ``model``, or None and why each failed."""
     failures: list[str] = []
     if frontend in ("auto", "symbolic"):
         try:
@@ -174,20 +233,22 @@ def trace_module(
             failures.append(f"symbolic: {_first_line(error)}")
         else:
             shapes = check_inputs_run(gm, type(model).__name__, args, kwargs)
-            return Traced(gm, "symbolic", args, kwargs, shapes=shapes)
+            return Traced(gm, "symbolic", args, kwargs, shapes=shapes), failures
     if frontend in ("auto", "export"):
         try:
             gm = _trace_export(model, args, kwargs)
             notes = [f"fell back to export ({f})" for f in failures]
-            return Traced(gm, "export", args, kwargs, notes=notes, shapes="export")
+            return Traced(gm, "export", args, kwargs, notes=notes, shapes="export"), failures
         except Exception as error:  # noqa: BLE001
             failures.append(f"export: {_first_line(error)}")
-    hint = (
+    return None, failures
+
+
+_HINT = (
         "What to try: frontend='export' for models with Python control flow (Hugging Face models need it); "
         "leaf_modules=[SomeModule] to keep an untraceable submodule whole; concrete_args={...} to fix a "
         "non-tensor argument; or wrap the model in a Module whose forward takes and returns tensors only."
-    )
-    raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + hint)
+)
 
 
 def trace(

@@ -1,4 +1,8 @@
 """The passes of fxsparse, one per file. Passes talk through facts on the context, never each other's internals."""
+import difflib
+import re
+
+from fxsparse.errors import BadArgumentError
 from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.expand_depth import ExpandDepth
@@ -16,10 +20,32 @@ PROVIDERS = {
 }
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
-PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, Prune, Shrink, ChannelPermutation, Sparsify,
-                                    ExpandDepth)}
+PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, LowerModules, MaskPropagation, Prune, Shrink,
+                                    ChannelPermutation, Sparsify, ExpandDepth)}
+
+
+def snake_case(name: str) -> str:
+    """``"ShapeInference"`` -> ``"shape_inference"``: the form users type."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+# The snake_case names users type ("prune", "shape_inference"), each to its pass's registered name.
+PASS_ALIASES = {snake_case(name): name for name in PASSES}
+
+
+def pass_class(name: str, where: str = "passes"):
+    """The pass class a name stands for: its class name (``"Prune"``) or snake_case (``"prune"``); an unknown
+    name is a BadArgumentError naming ``where`` and the closest known names."""
+    canonical = name if name in PASSES else PASS_ALIASES.get(name)
+    if canonical is None:
+        close = difflib.get_close_matches(name, [*PASSES, *PASS_ALIASES], n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise BadArgumentError(f"{where}: unknown pass {name!r}; {hint}known passes: {', '.join(sorted(PASSES))} "
+                               f"(or {', '.join(sorted(PASS_ALIASES))})")
+    return PASSES[canonical]
+
 
 __all__ = [
     "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
-    "Sparsify", "ExpandDepth", "PROVIDERS", "PASSES",
+    "Sparsify", "ExpandDepth", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class", "snake_case",
 ]

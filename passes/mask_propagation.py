@@ -18,7 +18,7 @@ import torch
 from fxsparse.channels import CONSUME, PRODUCE
 from fxsparse.context import CompileContext
 from fxsparse.graph_utils import get_attr_value
-from fxsparse.masks import apply_masks, normalize_masks, zero_slices
+from fxsparse.masks import apply_masks, check_mask_values, normalize_masks, zero_slices
 from fxsparse.pass_manager import Pass
 from fxsparse.removal import Removal
 
@@ -131,8 +131,10 @@ class MaskPropagation(Pass):
     name = "MaskPropagation"
     requires = ("groups",)
     provides = ("removal",)
+    needs_values = True
 
     def __init__(self, masks: dict[str, Any]):
+        check_mask_values(masks)
         self.masks = masks
 
     def settings(self) -> dict[str, Any]:

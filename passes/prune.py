@@ -10,6 +10,7 @@ reference Shrink reproduces exactly.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,12 +32,37 @@ def _check_ratio(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_prefix(option: str, prefix: Any) -> str:
+    if not isinstance(prefix, str):
+        raise BadArgumentError(f"{option}: {prefix!r} is not a parameter-name prefix (a str such as 'layer4')")
+    return prefix
+
+
+def _check_calibration(calibration: Any) -> list | None:
+    """The calibration batches as a list of ``(inputs, targets)`` pairs; anything else is a BadArgumentError."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (torch.Tensor, str, dict)) or not isinstance(calibration, Iterable):
+        raise BadArgumentError(f"calibration must be a list of (inputs, targets) pairs, "
+                               f"not {type(calibration).__name__}")
+    batches = list(calibration)
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            raise BadArgumentError(f"calibration[{index}] must be an (inputs, targets) pair, not "
+                                   f"{type(batch).__name__}{length}")
+    if not batches:
+        raise BadArgumentError("calibration is empty: give at least one (inputs, targets) pair")
+    return batches
+
+
 class Prune(Pass):
     """Remove ``ratio`` of the channels (units) of each prunable group, least important first."""
 
     name = "Prune"
     requires = ("groups",)
     provides = ("removal",)
+    needs_values = True
 
     def __init__(
         self,
@@ -59,10 +85,16 @@ class Prune(Pass):
         if scope not in ("local", "global"):
             raise BadArgumentError(f"scope must be 'local' or 'global', not {scope!r}")
         self.scope = scope
-        self.ratios = {k: _check_ratio(f"ratios[{k!r}]", v) for k, v in (ratios or {}).items()}
+        if ratios is not None and not isinstance(ratios, dict):
+            raise BadArgumentError(f"ratios must be a dict of parameter-name prefix -> ratio, e.g. "
+                                   f"{{'layer4': 0.7}}, not {type(ratios).__name__} {ratios!r}")
+        self.ratios = {_check_prefix("ratios", k): _check_ratio(f"ratios[{k!r}]", v) for k, v in (ratios or {}).items()}
         if isinstance(ignore, str):
             ignore = [ignore]
-        self.ignore = list(ignore)
+        if not isinstance(ignore, (list, tuple, set)):
+            raise BadArgumentError(f"ignore must be a list of parameter-name prefixes, e.g. ['fc'], "
+                                   f"not {type(ignore).__name__} {ignore!r}")
+        self.ignore = [_check_prefix("ignore", prefix) for prefix in ignore]
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise BadArgumentError(f"round_to must be a positive int, got {round_to!r}")
         self.round_to = round_to
@@ -71,7 +103,9 @@ class Prune(Pass):
             raise BadArgumentError(f"steps must be a positive int, got {steps!r}")
         self.steps = steps
         self.max_group_ratio = _check_ratio("max_group_ratio", max_group_ratio)
-        self.calibration = list(calibration) if calibration is not None else None
+        self.calibration = _check_calibration(calibration)
+        if loss_fn is not None and not callable(loss_fn):
+            raise BadArgumentError(f"loss_fn must be a callable loss_fn(outputs, targets), not {loss_fn!r}")
         self.loss_fn = loss_fn
         if self.importance.needs_gradients and (self.calibration is None or loss_fn is None):
             raise BadArgumentError(
@@ -154,7 +188,22 @@ class Prune(Pass):
         module.zero_grad(set_to_none=True)
         return grads
 
+    def _check_prefixes_known(self, ctx: CompileContext) -> None:
+        """Every prefix in ``ratios`` and ``ignore`` must start some parameter's name: a misspelt one would
+        otherwise change nothing, silently."""
+        names = list(ctx.module.state_dict())
+        for option, prefixes in (("ratios", list(self.ratios)), ("ignore", self.ignore)):
+            for prefix in prefixes:
+                if any(name.startswith(prefix) for name in names):
+                    continue
+                candidates = sorted({".".join(name.split(".")[:k]) for name in names
+                                     for k in range(1, name.count(".") + 2)})
+                close = difflib.get_close_matches(prefix, candidates, n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise BadArgumentError(f"{option}: no parameter of the model starts with {prefix!r}{hint}")
+
     def decide(self, ctx: CompileContext) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        self._check_prefixes_known(ctx)
         facts = ctx.facts["groups"]
         analysis = facts.analysis
         scores = unit_scores(analysis, ctx.module, self.importance, self._gradients(ctx))

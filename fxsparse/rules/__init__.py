@@ -24,8 +24,8 @@ from fxsparse.modules import DotProductAttention, PaddedConstantCorrection
 
 from .layers import BorderCorrection, ChannelNorm, Conv, Embedding, GetAttr, LastDimsNorm, Linear, PReLU
 from .shape_ops import (
-    AtenIndex, Cat, Expand, GetItem, IndexSelect, PatchMerging, Permute, Repeat, Reshape, SliceOp, Split, Stack,
-    Unflatten,
+    AtenIndex, Cat, Expand, GetItem, IndexSelect, PatchMerging, Permute, Repeat, Reshape, ReshapeAs, SliceOp, Split,
+    Stack, Unflatten,
 )
 
 aten = torch.ops.aten
@@ -43,7 +43,7 @@ alias bitwise_not bitwise_and bitwise_or isnan isinf isfinite
 
 FUNCTION_RULES: dict[str, Rule] = {name: ELEMENTWISE for name in _ELEMENTWISE_NAMES}
 FUNCTION_RULES.update({
-    "type_as": FirstInputOnly(), "view_as": FirstInputOnly(), "reshape_as": FirstInputOnly(),
+    "type_as": FirstInputOnly(), "view_as": ReshapeAs(), "reshape_as": ReshapeAs(),
     "zeros_like": Like(), "ones_like": Like(), "empty_like": Like(), "full_like": Like(), "rand_like": Like(),
     "randn_like": Like(),
     # creation and metadata

@@ -100,8 +100,8 @@ class ScaledDotProductAttention(Rule):
                 rc.tie(heads, k[-3].repeat_interleave(rep))
         rc.tie(k[-3], v[-3])
         mask = rc.arg(3, "attn_mask")
-        if isinstance(mask, fx.Node):
-            ms = rc.shape_of(mask)
+        ms = rc.shape_of(mask)  # None also for a node holding None (a forward's attn_mask=None, traced)
+        if ms is not None:
             if len(ms) >= 3 and ms[-3] != 1:
                 heads = rc.tie(heads, rc.labels_of(mask)[-3])
         return tuple(q[:-3]) + (heads, q[-2], v[-1])

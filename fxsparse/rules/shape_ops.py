@@ -104,6 +104,18 @@ class Reshape(Rule):
         wc.set_arg(self.shape_from, self.shape_name, resize_shape_arg(wc, shape))
 
 
+class ReshapeAs(Rule):
+    """``x.view_as(y)`` / ``x.reshape_as(y)``: ``x``'s elements in ``y``'s shape. Every output dim is tied to
+    ``y``'s, so that the two shrink alike and the op, which reads its size from ``y``, needs no rewrite."""
+
+    name = "reshape_as"
+
+    def labels(self, rc: RuleContext) -> NodeLabels:
+        src, other = rc.arg(0, "input"), rc.arg(1, "other")
+        out = reshape_labels(rc, rc.labels_of(src), rc.shape_of(src), rc.out_shape)
+        return tuple(rc.tie(mine, theirs) for mine, theirs in zip(out, rc.labels_of(other)))
+
+
 class Unflatten(Rule):
     """``unflatten(dim, sizes)``: the sizes of the new dims must follow the channels they hold."""
 
@@ -308,6 +320,8 @@ class GetItem(Rule):
         plan = _index_plan(items, len(labels))
         if plan is None:
             return rc.barrier("indexing with more than one tensor index")
+        if any(kind == "slice" and labels[d] is not None and not _static_bounds(item) for kind, d, item in plan):
+            return rc.barrier(TRACED_BOUNDS)
         out: list = []
         for kind, d, item in plan:
             lab = labels[d] if d is not None else None
@@ -345,7 +359,7 @@ class GetItem(Rule):
             if lab is None:
                 continue
             counts = wc.counts(lab)
-            if kind == "slice" and item.step in (None, 1):
+            if kind == "slice" and item.step in (None, 1) and _static_bounds(item):
                 start, stop, _ = item.indices(len(lab))
                 new_items[position] = slice(int(counts[:start].sum()), int(counts[:stop].sum()), None)
                 changed = True
@@ -355,6 +369,15 @@ class GetItem(Rule):
                 changed = True
         if changed:
             wc.node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
+
+
+TRACED_BOUNDS = "slice bounds computed in the graph (x[:, :H] with H = y.shape[1]): not pruned through"
+
+
+def _static_bounds(item: slice) -> bool:
+    """Whether a slice's bounds are numbers. A bound that is a node (a size read from another tensor while
+    tracing, as in ``x[:, :H]``) may change when channels go, and cannot be re-indexed."""
+    return all(b is None or isinstance(b, int) for b in (item.start, item.stop, item.step))
 
 
 def _index_plan(items: Sequence[Any], ndim: int):
@@ -411,6 +434,10 @@ class SliceOp(Rule):
         ndim = len(labels)
         dim = rc.arg(1, "dim", 0) % ndim
         lab = labels[dim]
+        if not self._static(rc.arg):  # a bound traced from a size: fine on a dim without channels
+            if lab is not None:
+                return rc.barrier(TRACED_BOUNDS)
+            return tuple(labels[:dim] + labels[dim + 1:]) if self.kind == "select" else tuple(labels)
         size = rc.shape_of(rc.arg(0, "input"))[dim]
         if self.kind == "select":
             index = rc.arg(2, "index") % size
@@ -424,6 +451,12 @@ class SliceOp(Rule):
             labels[dim] = lab[start:stop:step]
         return tuple(labels)
 
+    @staticmethod
+    def _static(get) -> bool:
+        """Whether dim, start, end, step, length or index are all numbers (not sizes traced from a tensor)."""
+        return all(value is None or isinstance(value, int) for value in (get(i, name) for i, name in
+                   ((1, "dim"), (2, "start"), (3, "end"), (4, "step"), (2, "index"), (3, "length"))))
+
     def _bounds(self, get, size: int) -> tuple[int, int, int]:
         if self.kind == "narrow":
             start = get(2, "start") % size
@@ -436,7 +469,7 @@ class SliceOp(Rule):
         ndim = len(labels)
         dim = wc.arg(1, "dim", 0) % ndim
         lab = labels[dim]
-        if lab is None:
+        if lab is None or not self._static(wc.arg):
             return
         counts = wc.counts(lab)
         if self.kind == "select":
