@@ -238,16 +238,19 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
     permutation, width growth) by applying its recorded gathers and scales to the model's own tensors, then checked
     against the model as it was (the function is unchanged).
 
-    The plan is checked against the model first: a parameter the plan expects but the model lacks, or of another
-    shape, is a :class:`PlanMismatchError` naming it. The model's own weights are kept at the plan's indices.
+    The plan is checked first (:meth:`Plan.validate`): an index out of range, repeated or out of order, a count
+    that disagrees with ``shapes_after``, or a parameter the plan expects but the model lacks, or of another
+    shape, is a :class:`PlanMismatchError` naming it, before the model is touched. The model's own weights are kept at the plan's indices.
     """
     from fxsparse.passes import MaskPropagation, Shrink
 
     if not isinstance(plan, Plan):
+        if not isinstance(plan, (str, Path)):
+            raise BadArgumentError(f"plan must be a fxsparse.Plan or a path to a plan file, not {type(plan).__name__}")
         plan = Plan.load(plan)
     if not isinstance(model, torch.nn.Module):
         raise BadArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    plan.check_fits(model)
+    plan.validate(model)
     if example_inputs is None and example_kwargs is None:
         args, kwargs = inputs_from_description(plan.inputs)
     else:

@@ -17,7 +17,7 @@ from torch import nn
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
 from .growth.layout import apply_growth
-from .modules import PaddedConstantCorrection
+from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
 from .trace import cache_disabled
 from .verify import verify_equivalent
@@ -69,14 +69,15 @@ class _Snapshot:
     ``num_batches_tracked``, a counter of one's own)."""
 
     def __init__(self, root: nn.Module):
-        self.saved = [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+        self.saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
                       for m in root.modules()]
         config = getattr(root, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
         self.buffers = _BufferValues(root)
 
     def restore(self) -> None:
-        for module, state in self.saved:
+        for module, cls, state in self.saved:
+            module.__class__ = cls  # a convolution given a border correction changed class
             vars(module).clear()
             vars(module).update(state)
         if self.config is not None:
@@ -134,7 +135,8 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
-    """Border corrections as a child module next to the layer and a forward hook that adds its output."""
+    """Border corrections inside the layer they correct: the convolution becomes its BorderCorrectedConv subclass
+    (same object, same parameter names) holding the correction as a child."""
     for record in plan.folds:
         if record["kind"] != "correction":
             continue
@@ -146,12 +148,15 @@ def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
                                                   layer.stride, layer.padding, layer.dilation)
         if not isinstance(correction, PaddedConstantCorrection):
             raise FxsparseError(f"{record['name']!r} in the compiled module is not a border correction")
-        parent_path, _, child = record["name"].rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        parent.add_module(child, PaddedConstantCorrection(correction.weight.detach().clone(), correction.stride,
-                                                          correction.padding, correction.dilation))
-        fix = getattr(parent, child)
-        layer.register_forward_hook(lambda _m, inputs, output, fix=fix: output + fix(inputs[0]))
+        prefix = f"{record['owner']}." if record["owner"] else ""
+        child = record["name"][len(prefix):] if record["name"].startswith(prefix) else ""
+        if not child or "." in child:
+            raise FxsparseError(f"border correction {record['name']!r} is not a child of {record['owner']!r}")
+        corrected = with_border_correction(layer, child, PaddedConstantCorrection(
+            correction.weight.detach().clone(), correction.stride, correction.padding, correction.dilation))
+        if corrected is None:
+            raise FxsparseError(f"{record['owner'] or 'the model'} ({type(layer).__name__}) needs a border "
+                                "correction, which only an nn.Conv1d/2d/3d can hold in place; use result.module")
 
 
 def _resize_attributes(model: nn.Module, source: nn.Module) -> None:
