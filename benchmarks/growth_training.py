@@ -10,7 +10,7 @@ Time counts training only (evaluation excluded), as wall seconds and as this pro
 CPU wall time is noisy (other work slows a run down), CPU time much less so (one thread).
 
     python benchmarks/growth_training.py                 # dense vs depth growth
-    python benchmarks/growth_training.py --width         # also width growth (needs passes.ExpandWidth)
+    python benchmarks/growth_training.py --width         # also width growth (sparse_model_width)
     python benchmarks/growth_training.py --plot curves.png
     python benchmarks/growth_training.py --quick         # a few steps, to check that it runs
 """
@@ -47,16 +47,17 @@ class Block(nn.Module):
 
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.head_dim = width // heads  # the head count follows the projection's width (-1), so width growth and
+        # pruning of whole heads resize this block in place
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
     def forward(self, x):
         batch, seq, width = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(batch, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.ln1(x)).view(batch, seq, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, width))
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, -1))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stages", type=lambda text: [int(v) for v in text.split(",")], default=[2, 2, -1],
                         help="epochs_each_stage of the grown runs, an epoch being 1/8 of --steps (default 2,2,-1)")
-    parser.add_argument("--width", action="store_true", help="also width growth (needs passes.ExpandWidth)")
+    parser.add_argument("--width", action="store_true", help="also width growth (sparse_model_width)")
     parser.add_argument("--plot", help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="a few steps on little data, to check that it runs")
     args = parser.parse_args(argv)

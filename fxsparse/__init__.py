@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import CompileResult, apply_plan, compile, load, permute_channels, prune  # noqa: E402
+from .api import CompileResult, apply_plan, compile, expand_width, load, permute_channels, prune  # noqa: E402
 from .errors import (  # noqa: E402
     BadArgumentError,
     FxsparseError,
@@ -22,8 +22,8 @@ from . import passes  # noqa: E402  (the top-level passes/ folder, installed as 
 from . import growth  # noqa: E402
 
 __all__ = [
-    "compile", "prune", "permute_channels", "apply_plan", "load", "trace", "load_big_into_small", "passes", "growth",
-    "Plan", "Traced",
+    "compile", "prune", "permute_channels", "expand_width", "apply_plan", "load", "trace", "load_big_into_small",
+    "passes", "growth", "Plan", "Traced",
     "CompileResult", "FxsparseError", "BadArgumentError", "TraceError", "UnsupportedOpError", "PassOrderError",
     "MaskError", "MissingDependencyError", "PlanMismatchError", "VerificationError",
 ]

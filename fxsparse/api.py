@@ -14,7 +14,7 @@ import torch.fx as fx
 from .context import CompileContext
 from .errors import BadArgumentError, PlanMismatchError
 from .graph_utils import iter_tensors
-from .inplace import apply_result
+from .inplace import apply_result, replay_gathers
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
 from .metrics import describe
@@ -232,18 +232,25 @@ def plan_masks(plan: Plan) -> dict[str, torch.Tensor]:
 def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: Any = None,
                example_kwargs: dict | None = None) -> torch.nn.Module:
     """Give a fresh instance of the planned model the plan's architecture, in place (msModelSlim's
-    prune_by_desc), so a pruned checkpoint loads into it; returns ``model``.
+    prune_by_desc), so a pruned, permuted or grown checkpoint loads into it; returns ``model``.
 
-    The plan is checked against the model first: a parameter the plan expects but the model lacks, or of another
-    shape, is a :class:`PlanMismatchError` naming it. The model's own weights are kept at the plan's indices.
+    A plan that removes channels is replayed through masks and Shrink; one that reorders or repeats them (channel
+    permutation, width growth) by applying its recorded gathers and scales to the model's own tensors, then checked
+    against the model as it was (the function is unchanged).
+
+    The plan is checked first (:meth:`Plan.validate`): an index out of range, repeated or out of order, a count
+    that disagrees with ``shapes_after``, or a parameter the plan expects but the model lacks, or of another
+    shape, is a :class:`PlanMismatchError` naming it, before the model is touched. The model's own weights are kept at the plan's indices.
     """
     from fxsparse.passes import MaskPropagation, Shrink
 
     if not isinstance(plan, Plan):
+        if not isinstance(plan, (str, Path)):
+            raise BadArgumentError(f"plan must be a fxsparse.Plan or a path to a plan file, not {type(plan).__name__}")
         plan = Plan.load(plan)
     if not isinstance(model, torch.nn.Module):
         raise BadArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    plan.check_fits(model)
+    plan.validate(model)
     if example_inputs is None and example_kwargs is None:
         args, kwargs = inputs_from_description(plan.inputs)
     else:
@@ -254,7 +261,9 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str | Path, example_inputs: 
     dense = {name: params[name].detach().clone() for name in early}
     try:
         _multiply(params, plan.sparsity_masks(final=False), early)
-        if plan.is_structural or not plan.masks:
+        if plan.is_permutation_or_growth:  # a reorder or a repeat keeps the function: replay the gathers
+            replay_gathers(model, plan, args, kwargs)
+        elif plan.is_structural or not plan.masks:
             masks = {name: mask for name, mask in plan_masks(plan).items() if name in params}
             result = compile(model, args, [MaskPropagation(masks), Shrink()], example_kwargs=kwargs,
                              frontend=plan.frontend or "auto", lower_modules=False)
@@ -311,3 +320,46 @@ def load(path: str | Path) -> torch.nn.Module:
     if PLAN_FILE in extra:
         module.fxsparse_plan = Plan.from_dict(extra[PLAN_FILE])
     return module
+
+
+def expand_width(model: torch.nn.Module, example_inputs: Any = None, factor: float | None = 2,
+                 optimizer: torch.optim.Optimizer | None = None, **options: Any) -> CompileResult:
+    """Grow ``model`` in place with :class:`fxsparse.passes.ExpandWidth` (same function, wider), and keep
+    ``optimizer`` working on it.
+
+    ``options`` go to ExpandWidth (kinds, include, exclude, split, seed, like) and to :func:`compile`
+    (example_kwargs, frontend, verify, tolerance...). With an optimizer, every parameter replaced by a wider one is
+    swapped in its parameter group, and its state is gathered by the same index maps as the weight: a copy's
+    momentum / Adam first moment is scaled by the copy's share where the weight was (a consumer's columns), the
+    second moment by the share squared, so an SGD step moves the copies by their shares of the original step and
+    their sum moves as the original would; step counts and learning rates stay.
+    """
+    from fxsparse.growth.optim import remap_optimizer
+    from fxsparse.passes import ExpandWidth
+
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise BadArgumentError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
+    compile_options = {k: options.pop(k) for k in list(options) if k in _COMPILE_OPTIONS}
+    compile_options["inplace"] = True
+    expand = ExpandWidth(factor=factor, **options)
+    before = dict(model.named_parameters())
+    result = compile(model, example_inputs, [expand], **compile_options)
+    if optimizer is not None:
+        remap_optimizer(optimizer, width_derivations(model, before, result.plan), model.parameters())
+    return result
+
+
+def width_derivations(model: torch.nn.Module, before: dict[str, torch.nn.Parameter], plan: Plan) -> dict:
+    """How each parameter a width growth (or a cut) replaced was made from the old one, from the plan's gathers
+    and scales (for remap_optimizer)."""
+    from fxsparse.growth.optim import Derivation
+
+    derivations = {}
+    for name, new in model.named_parameters():
+        old = before.get(name)
+        if old is None or new is old:
+            continue  # a replaced tensor the plan did not re-index (a bias a cut's folding changed) keeps its state
+        gather = tuple((dim, torch.tensor(kept, dtype=torch.long)) for dim, kept in plan.kept.get(name, {}).items())
+        scales = tuple((dim, torch.tensor(scale)) for dim, scale in plan.scales.get(name, {}).items())
+        derivations[new] = Derivation(old, old, 1.0, gather, scales)
+    return derivations

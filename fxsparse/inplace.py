@@ -17,7 +17,7 @@ from torch import nn
 from .errors import FxsparseError, PlanMismatchError
 from .graph_utils import get_attr_value, set_attr_value
 from .growth.layout import apply_growth
-from .modules import PaddedConstantCorrection
+from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
 from .trace import cache_disabled
 from .verify import verify_equivalent
@@ -29,6 +29,8 @@ _SIZE_ATTRIBUTES: list[tuple[type, Callable[[nn.Module], dict[str, Any]]]] = [
     (nn.modules.batchnorm._BatchNorm, lambda m: {"num_features": _channels(m)}),
     (nn.modules.instancenorm._InstanceNorm, lambda m: {"num_features": _channels(m)}),
     (nn.PReLU, lambda m: {"num_parameters": m.weight.numel()}),
+    (nn.LayerNorm, lambda m: _normalized_shape(m)),
+    *([(nn.RMSNorm, lambda m: _normalized_shape(m))] if hasattr(nn, "RMSNorm") else []),
 ]
 # attention modules keep head counts; these names cover torch and the Hugging Face families
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -47,6 +49,12 @@ def _channels(module: nn.Module) -> int:
     return getattr(module, "num_features")
 
 
+def _normalized_shape(module: nn.Module) -> dict[str, Any]:
+    """A LayerNorm/RMSNorm's normalized_shape from its affine weight (one without keeps the compiled twin's)."""
+    weight = getattr(module, "weight", None)
+    return {"normalized_shape": tuple(weight.shape)} if isinstance(weight, torch.Tensor) else {}
+
+
 def _out_width(module: nn.Module) -> int | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -61,14 +69,15 @@ class _Snapshot:
     ``num_batches_tracked``, a counter of one's own)."""
 
     def __init__(self, root: nn.Module):
-        self.saved = [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+        self.saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
                       for m in root.modules()]
         config = getattr(root, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
         self.buffers = _BufferValues(root)
 
     def restore(self) -> None:
-        for module, state in self.saved:
+        for module, cls, state in self.saved:
+            module.__class__ = cls  # a convolution given a border correction changed class
             vars(module).clear()
             vars(module).update(state)
         if self.config is not None:
@@ -126,7 +135,8 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
 
 
 def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
-    """Border corrections as a child module next to the layer and a forward hook that adds its output."""
+    """Border corrections inside the layer they correct: the convolution becomes its BorderCorrectedConv subclass
+    (same object, same parameter names) holding the correction as a child."""
     for record in plan.folds:
         if record["kind"] != "correction":
             continue
@@ -138,12 +148,15 @@ def _add_corrections(model: nn.Module, source: nn.Module, plan: Plan) -> None:
                                                   layer.stride, layer.padding, layer.dilation)
         if not isinstance(correction, PaddedConstantCorrection):
             raise FxsparseError(f"{record['name']!r} in the compiled module is not a border correction")
-        parent_path, _, child = record["name"].rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        parent.add_module(child, PaddedConstantCorrection(correction.weight.detach().clone(), correction.stride,
-                                                          correction.padding, correction.dilation))
-        fix = getattr(parent, child)
-        layer.register_forward_hook(lambda _m, inputs, output, fix=fix: output + fix(inputs[0]))
+        prefix = f"{record['owner']}." if record["owner"] else ""
+        child = record["name"][len(prefix):] if record["name"].startswith(prefix) else ""
+        if not child or "." in child:
+            raise FxsparseError(f"border correction {record['name']!r} is not a child of {record['owner']!r}")
+        corrected = with_border_correction(layer, child, PaddedConstantCorrection(
+            correction.weight.detach().clone(), correction.stride, correction.padding, correction.dilation))
+        if corrected is None:
+            raise FxsparseError(f"{record['owner'] or 'the model'} ({type(layer).__name__}) needs a border "
+                                "correction, which only an nn.Conv1d/2d/3d can hold in place; use result.module")
 
 
 def _resize_attributes(model: nn.Module, source: nn.Module) -> None:
@@ -155,6 +168,9 @@ def _resize_attributes(model: nn.Module, source: nn.Module) -> None:
             for attr in ("in_channels", "out_channels", "groups"):
                 setattr(module, attr, getattr(twin, attr))
             continue
+        if isinstance(module, (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))) and \
+                getattr(module, "weight", None) is None and twin is not None:
+            module.normalized_shape = tuple(twin.normalized_shape)
         for cls, sizes in _SIZE_ATTRIBUTES:
             if isinstance(module, cls):
                 for attr, value in sizes(module).items():
@@ -197,6 +213,7 @@ def _resize_attention(module: nn.Module) -> None:
 _CONFIG_HEADS = ("num_attention_heads", "n_head")
 _CONFIG_KV_HEADS = ("num_key_value_heads",)
 _CONFIG_INTERMEDIATE = ("intermediate_size", "n_inner")
+_CONFIG_HIDDEN = ("hidden_size", "n_embd", "d_model")
 log = logging.getLogger("fxsparse")
 _MLP_UP = ("up_proj", "fc1", "c_fc", "dense_h_to_4h", "w1", "intermediate")
 
@@ -208,6 +225,7 @@ def _update_config(model: nn.Module) -> None:
     if config is None:
         return
     heads, kv_heads, widths = set(), set(), set()
+    hidden = {m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)}  # a grown residual width
     for module in model.modules():
         query = _child(module, _QUERY)
         head_size = next((getattr(module, a) for a in _HEAD_SIZES if isinstance(getattr(module, a, None), int)), None)
@@ -222,7 +240,8 @@ def _update_config(model: nn.Module) -> None:
             widths.add(_out_width(up))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mismatches = _config_mismatches(model, config, shapes)
-    for names, values in ((_CONFIG_HEADS, heads), (_CONFIG_KV_HEADS, kv_heads), (_CONFIG_INTERMEDIATE, widths)):
+    for names, values in ((_CONFIG_HIDDEN, hidden), (_CONFIG_HEADS, heads), (_CONFIG_KV_HEADS, kv_heads),
+                          (_CONFIG_INTERMEDIATE, widths)):
         if len(values) != 1 or mismatches == 0:
             continue
         present = [n for n in names if hasattr(config, n)]
@@ -277,6 +296,66 @@ def apply_result(model: nn.Module, source: nn.Module, plan: Plan, args: tuple, k
                 verify_equivalent(source, model, args, kwargs, tolerance=tolerance, what="applying the plan in place")
         finally:
             checked_buffers.restore()
+    except Exception:
+        snapshot.restore()
+        raise
+    model.train(was_training)
+    return model
+
+
+def _resize_convolutions(model: nn.Module, before: dict[str, tuple[int, int, int]]) -> None:
+    """Conv sizes after a replayed gather: whole groups are repeated or moved, so a group keeps its width and a
+    depthwise convolution stays depthwise (``before``: out_channels, groups per conv, by name)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.conv._ConvNd) or name not in before:
+            continue
+        old_out, old_groups = before[name]
+        transposed = module.transposed
+        out = module.weight.shape[1] * old_groups if transposed else module.weight.shape[0]
+        module.groups = max(1, out // (old_out // old_groups)) if old_groups > 1 else 1
+        module.out_channels = module.weight.shape[1] * module.groups if transposed else module.weight.shape[0]
+        module.in_channels = module.weight.shape[0] if transposed else module.weight.shape[1] * module.groups
+
+
+def replay_gathers(model: nn.Module, plan: Plan, args: tuple, kwargs: dict,
+                   tolerance: float | None = 1e-4) -> nn.Module:
+    """Apply a plan that reorders or repeats channels to a fresh instance, in place: each recorded gather (and
+    scale) is applied to the model's own tensors, its modules are resized, and, since a permutation or a growth
+    keeps the function, the result is checked against the model as it was. Anything failing restores it."""
+    plan.check_fits(model)
+    reference = copy.deepcopy(model).eval()
+    snapshot = _Snapshot(model)
+    was_training = model.training
+    convs = {n: (m.out_channels, m.groups) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(tensor), []).append(name)
+    try:
+        with torch.no_grad():
+            for name, dims in plan.kept.items():
+                old = get_attr_value(model, name)
+                new = old.detach()
+                for dim, kept in dims.items():
+                    new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
+                    scale = plan.scales.get(name, {}).get(dim)
+                    if scale is not None:
+                        view = [1] * new.dim()
+                        view[dim] = len(scale)
+                        new = new * torch.tensor(scale, dtype=new.dtype, device=new.device).reshape(view)
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+                for alias in names_of.get(id(old), [name]):  # tied weights stay one tensor
+                    set_attr_value(model, alias, new)
+        _resize_convolutions(model, convs)
+        _resize_attributes(model, model)
+        _update_config(model)
+        shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
+        wrong = next((n for n, shape in plan.shapes_after.items() if n in shapes and shapes[n] != shape), None)
+        if wrong is not None:
+            raise PlanMismatchError(f"after replaying the plan, {wrong} has shape {shapes[wrong]}, the plan says "
+                                    f"{plan.shapes_after[wrong]}")
+        model.eval()
+        verify_equivalent(reference, model, args, kwargs, tolerance=tolerance, what="replaying the plan")
     except Exception:
         snapshot.restore()
         raise

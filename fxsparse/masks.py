@@ -104,15 +104,33 @@ def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor], in_plac
     """``module`` with each mask multiplied into its parameter, nothing else changed.
 
     The masked parameters get new tensors; by default on a copy of ``module`` (which shares the other tensors), and
-    with ``in_place`` on ``module`` itself, for a caller that owns it (a compile's private graph).
+    with ``in_place`` on ``module`` itself, for a caller that owns it (a compile's private graph). A tensor reachable
+    under several names (tied weights) stays one tensor: every name gets the masked one, and masks given under
+    several of its names are all applied.
     """
     masked = module if in_place else copy_sharing_tensors(module)
+    names = tensor_names(masked)
+    by_tensor: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for target, mask in masks.items():
+        weight = get_attr_value(masked, target)
+        previous = by_tensor.get(id(weight))
+        by_tensor[id(weight)] = (weight, mask if previous is None else previous[1] & mask)
     with torch.no_grad():
-        for target, mask in masks.items():
-            weight = get_attr_value(masked, target)
-            zeroed = torch.where(mask, weight, 0)
-            set_attr_value(masked, target, torch.nn.Parameter(zeroed, weight.requires_grad))
+        for key, (weight, mask) in by_tensor.items():
+            zeroed = torch.nn.Parameter(torch.where(mask, weight, 0), weight.requires_grad)
+            for name in names.get(key, []):
+                set_attr_value(masked, name, zeroed)
     return masked
+
+
+def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter and buffer, by tensor identity: tied weights have several."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    for name, tensor in module.named_buffers(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    return names
 
 
 def zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:

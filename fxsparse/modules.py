@@ -30,6 +30,51 @@ class PaddedConstantCorrection(nn.Module):
         return _CONV[self.spatial](ones, self.weight, None, self.stride, self.padding, self.dilation)
 
 
+class _BorderCorrected:
+    """A convolution that adds what its border corrections (its PaddedConstantCorrection children) compute.
+
+    This is how a correction lives inside the layer it corrects when a model is pruned in place: the layer keeps
+    its path, its class's interface (it *is* an ``nn.Conv2d``), its parameter names (``weight``, ``bias``, and
+    ``border_correction.weight`` beside them), so the model saves, copies, trains and compiles again like any other.
+    Tracing goes through this forward (it is no torch leaf): the graph holds the convolution, each correction's
+    call and the add, which the op rules already know."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        for correction in self.children():
+            out = out + correction(x)
+        return out
+
+
+class BorderCorrectedConv1d(_BorderCorrected, nn.Conv1d):
+    """An nn.Conv1d with border corrections (see _BorderCorrected)."""
+
+
+class BorderCorrectedConv2d(_BorderCorrected, nn.Conv2d):
+    """An nn.Conv2d with border corrections (see _BorderCorrected)."""
+
+
+class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
+    """An nn.Conv3d with border corrections (see _BorderCorrected)."""
+
+
+_CORRECTED = {nn.Conv1d: BorderCorrectedConv1d, nn.Conv2d: BorderCorrectedConv2d, nn.Conv3d: BorderCorrectedConv3d}
+
+
+def with_border_correction(conv: nn.Module, name: str, correction: PaddedConstantCorrection) -> nn.Module | None:
+    """Give ``conv`` (an nn.Conv1d/2d/3d, or one already corrected) ``correction`` as its child ``name``, in place:
+    the same object becomes its BorderCorrectedConv subclass, so whoever holds it (an optimizer, a hook, the
+    user's own reference) keeps holding the model's layer. Returns it; None when ``conv`` is not a convolution
+    this can correct (a subclass with its own forward, a module calling a functional convolution)."""
+    if not isinstance(conv, _BorderCorrected):
+        cls = _CORRECTED.get(type(conv))
+        if cls is None:
+            return None
+        conv.__class__ = cls
+    conv.add_module(name, correction)
+    return conv
+
+
 class DotProductAttention(nn.Module):
     """``F.scaled_dot_product_attention`` as a module, so that its attention dropout follows ``train()``/``eval()``
     as nn.MultiheadAttention's does (a functional call would have its dropout frozen into the graph)."""

@@ -138,8 +138,17 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanMismatchError(f"a plan is a JSON object, not {type(data).__name__}")
         if data.get("format") != PLAN_FORMAT:
             raise PlanMismatchError(f"plan format {data.get('format')!r} is not the supported format {PLAN_FORMAT}")
+        try:
+            return cls._from_checked_dict(data)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise PlanMismatchError(f"malformed plan: {error}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, data: dict[str, Any]) -> "Plan":
         return cls(
             model=data.get("model", ""),
             frontend=data.get("frontend", ""),
@@ -165,7 +174,61 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise PlanMismatchError(f"plan file {str(path)!r} is not valid JSON: {error}") from None
+        except OSError as error:
+            raise PlanMismatchError(f"cannot read plan file {str(path)!r}: {error.strerror}") from None
+        return cls.from_dict(data)
+
+    def validate(self, model: torch.nn.Module | None = None) -> None:
+        """Raise PlanMismatchError naming the first entry that cannot be right, before anything is touched.
+
+        Every ``kept[param][dim]`` must name a planned tensor and one of its dimensions, hold integer indices
+        inside that dimension, and have as many as ``shapes_after`` says; ``scales`` must match their entries. A
+        plan that only removes channels holds strictly increasing indices; repeats are legal only in a plan that
+        grows (``scales`` recorded, or a dimension wider after than before), other orders only in a plan that
+        reorders (some entry a full permutation of its dimension) or grows. With ``model``, the model must also
+        have the plan's tensors and shapes (see :meth:`check_fits`)."""
+        entries = [(param, dim, kept) for param, dims in self.kept.items() for dim, kept in dims.items()]
+        for param, dim, kept in entries:
+            self._check_entry(param, dim, kept)
+        grows = bool(self.scales) or any(len(kept) > self.shapes_before[p][d] for p, d, kept in entries)
+        reorders = any(len(kept) == self.shapes_before[p][d] and kept != sorted(kept) for p, d, kept in entries)
+        for param, dim, kept in entries:
+            where = f"plan entry kept[{param!r}][{dim}]"
+            if len(set(kept)) != len(kept) and not grows:
+                repeated = next(i for i in kept if kept.count(i) > 1)
+                raise PlanMismatchError(f"{where} holds index {repeated} twice, in a plan that does not grow")
+            if kept != sorted(kept) and not (grows or reorders):
+                raise PlanMismatchError(f"{where} is not in increasing order, in a plan that only removes")
+        for param, dims in self.scales.items():
+            for dim, scale in dims.items():
+                kept = self.kept.get(param, {}).get(dim)
+                if kept is None or len(scale) != len(kept):
+                    raise PlanMismatchError(f"plan entry scales[{param!r}][{dim}] does not match an index map of "
+                                            f"as many entries (kept has {None if kept is None else len(kept)})")
+        if model is not None:
+            self.check_fits(model)
+
+    def _check_entry(self, param: str, dim: Any, kept: Any) -> None:
+        where = f"plan entry kept[{param!r}][{dim}]"
+        shape = self.shapes_before.get(param)
+        if shape is None:
+            raise PlanMismatchError(f"{where} names a tensor the plan has no shape for (shapes_before)")
+        if not isinstance(dim, int) or not 0 <= dim < len(shape):
+            raise PlanMismatchError(f"{where}: {param!r} has {len(shape)} dimensions, no dimension {dim}")
+        if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+            raise PlanMismatchError(f"{where} must be a list of integer indices")
+        bad = next((i for i in kept if not 0 <= i < shape[dim]), None)
+        if bad is not None:
+            raise PlanMismatchError(f"{where} holds index {bad}, outside 0..{shape[dim] - 1} "
+                                    f"(dimension {dim} of {param!r} has size {shape[dim]})")
+        after = self.shapes_after.get(param)
+        if after is not None and (dim >= len(after) or after[dim] != len(kept)):
+            raise PlanMismatchError(f"{where} keeps {len(kept)} indices but shapes_after gives {param!r} the shape "
+                                    f"{after}")
 
     def apply_to(self, module: torch.nn.Module, example_inputs: Any = None,
                  example_kwargs: dict | None = None) -> torch.nn.Module:

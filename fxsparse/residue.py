@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .channels import ChannelAnalysis
-from .graph_utils import placeholder_values
+from .graph_utils import get_attr_value, placeholder_values
 from .modules import PaddedConstantCorrection
 from .rules.layers import Consumer
 
@@ -109,20 +109,71 @@ def settle_residues(
         capture = _Capture(gm, {c.node for c in active})
         with torch.no_grad():
             capture.run(*placeholder_values(gm, args, kwargs))
-        folds, blocked = [], []
+        folds, blocked = {}, []
         for c in active:
             node = nodes[c.node]
             call_args, call_kwargs, output = capture.seen[c.node]
             fold, why = _measure(gm, node, c, keep, call_args, call_kwargs, output, node_labels)
             if fold is not None:
-                folds.append(fold)
+                folds[c.node] = fold
             elif why:
                 blocked.append(c.labels[~keep[c.labels]])
                 notes.append(f"{c.node}: {why}; its removed input channels are kept")
+        blocked += _settle_shared_layers(gm, nodes, consumers, keep, folds, notes)
+        folds = list(folds.values())
         if not blocked:
             return removed, keep, folds, notes
         removed = analysis.restore(removed, torch.cat(blocked))
     raise RuntimeError("removed channels' residues did not settle")
+
+
+def _settle_shared_layers(gm, nodes, consumers: list[Consumer], keep, folds: dict[str, Fold],
+                          notes: list[str]) -> list[torch.Tensor]:
+    """One layer called several times (or layers sharing one bias) has one bias to fold into: each distinct
+    contribution is folded once. Calls that agree keep a single fold (dropped from ``folds`` for the others); calls
+    that differ (a call with nothing to fold counts as a zero contribution) cannot share one bias, so their removed
+    input channels stay. Returns the labels to restore."""
+    calls: dict[int, list[Consumer]] = {}
+    for c in consumers:
+        key = _bias_owner(gm, nodes[c.node], c.bias_index) if c.kind in _WITH_BIAS else None
+        if key is not None:
+            calls.setdefault(key, []).append(c)
+    blocked = []
+    for members in calls.values():
+        if len(members) < 2 or not any(c.node in folds for c in members):
+            continue
+        first = folds.get(members[0].node)
+        if all(_same_fold(first, folds.get(c.node)) for c in members[1:]):
+            for c in members[1:]:
+                folds.pop(c.node, None)
+            continue
+        for c in members:
+            folds.pop(c.node, None)
+            blocked.append(c.labels[~keep[c.labels]])
+        names = ", ".join(c.node for c in members)
+        notes.append(f"{names}: one layer's bias, and its calls get different constants from removed channels, "
+                     "which one bias cannot hold; their removed input channels are kept")
+    return blocked
+
+
+def _bias_owner(gm: fx.GraphModule, node: fx.Node, bias_index: int) -> int | None:
+    """What a fold into ``node`` lands in, by identity: its module (whose one bias every call adds), or the bias
+    tensor a functional layer reads; None when a fold would make a bias of this node's own."""
+    if node.op == "call_module":
+        return id(gm.get_submodule(node.target))
+    bias = node.args[bias_index] if 0 <= bias_index < len(node.args) else node.kwargs.get("bias")
+    if isinstance(bias, fx.Node) and bias.op == "get_attr":
+        return id(get_attr_value(gm, bias.target))
+    return None
+
+
+def _same_fold(a: Fold | None, b: Fold | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if (a.correction is None) != (b.correction is None) or a.vector.shape != b.vector.shape:
+        return False
+    close = lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6 * max(_max_abs(x), 1e-6))  # noqa: E731
+    return close(a.vector, b.vector) and (a.correction is None or close(a.correction, b.correction))
 
 
 # Consumers with a bias that can hold what removed input channels contribute; the others are products of two

@@ -6,6 +6,7 @@ from fxsparse.errors import BadArgumentError
 from fxsparse.passes.channel_permutation import ChannelPermutation
 from fxsparse.passes.dependency_groups import DependencyGroups
 from fxsparse.passes.expand_depth import ExpandDepth
+from fxsparse.passes.expand_width import ExpandWidth
 from fxsparse.passes.lower_modules import LowerModules
 from fxsparse.passes.mask_propagation import MaskPropagation
 from fxsparse.passes.prune import Prune
@@ -22,7 +23,7 @@ PROVIDERS = {
 
 # Every pass by name, for `passes=["ShapeInference", ...]` and the CLI.
 PASSES = {cls.name: cls for cls in (ShapeInference, DependencyGroups, LowerModules, MaskPropagation, Prune, Shrink,
-                                    ChannelPermutation, Sparsify, SparseKernels, ExpandDepth)}
+                                    ChannelPermutation, Sparsify, SparseKernels, ExpandDepth, ExpandWidth)}
 
 
 def snake_case(name: str) -> str:
@@ -48,5 +49,6 @@ def pass_class(name: str, where: str = "passes"):
 
 __all__ = [
     "ShapeInference", "DependencyGroups", "ChannelPermutation", "LowerModules", "MaskPropagation", "Prune", "Shrink",
-    "Sparsify", "SparseKernels", "ExpandDepth", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class", "snake_case",
+    "Sparsify", "SparseKernels", "ExpandDepth", "ExpandWidth", "PROVIDERS", "PASSES", "PASS_ALIASES", "pass_class",
+    "snake_case",
 ]

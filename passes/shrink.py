@@ -96,7 +96,8 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: torch.Tensor,
             rows.append({"node": node.name, "folded": "bias", "max |constant|": f"{fold.vector.abs().max():.3g}"})
             records.append({"owner": owner, "kind": "bias", "name": name})
             continue
-        name = _free_name(gm, f"{owner}_border_correction" if owner else f"{node.name}_border_correction")
+        # inside the layer it corrects (<layer>.border_correction), as the in-place model holds it too
+        name = _free_name(gm, f"{owner}.border_correction" if owner else f"{node.name}_border_correction")
         gm.add_submodule(name, PaddedConstantCorrection(fold.correction.index_select(0, alive), *fold.conv_args))
         records.append({"owner": owner, "kind": "correction", "name": name})
         source = node.args[0]

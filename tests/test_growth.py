@@ -186,15 +186,6 @@ def test_bad_arguments_are_one_line_errors_and_leave_the_model_alone(arguments, 
         sparse_model_depth(model, "sgd", 10, [1, 1, 1])
 
 
-def test_width_growth_says_it_needs_expand_width():
-    if hasattr(fxsparse.passes, "ExpandWidth"):
-        pytest.skip("ExpandWidth exists: width growth is tested with it")
-    model = ResidualNet()
-    with pytest.raises(fxsparse.FxsparseError, match="ExpandWidth"):
-        sparse_model_width(model, torch.optim.SGD(model.parameters(), lr=0.1), 10, [1, 1, 1])
-    assert len(model.blocks) == 4
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,6 +25,8 @@ class Derivation:
     like: torch.nn.Parameter
     scale: float = 1.0
     gather: tuple[tuple[int, torch.Tensor], ...] = ()
+    # per-index factors along a dim after the gather (width growth: a consumer's copy of a channel scaled by its share)
+    scales: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
 def _derived_state(state: dict, derivation: Derivation) -> dict:
@@ -33,8 +35,15 @@ def _derived_state(state: dict, derivation: Derivation) -> dict:
         if isinstance(value, torch.Tensor) and derivation.source is not None and value.shape == derivation.source.shape:
             for dim, index in derivation.gather:
                 value = value.index_select(dim, index.to(value.device))
-            factor = derivation.scale ** 2 if key in SQUARED_STATE else derivation.scale
-            out[key] = (value * factor).clone() if factor != 1.0 else value.clone()
+            squared = key in SQUARED_STATE
+            factor = derivation.scale ** 2 if squared else derivation.scale
+            value = (value * factor).clone() if factor != 1.0 else value.clone()
+            for dim, scale in derivation.scales:
+                view = [1] * value.dim()
+                view[dim] = len(scale)
+                scale = scale.to(value.device, value.dtype).reshape(view)
+                value = value * (scale * scale if squared else scale)
+            out[key] = value
         else:
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value
     return out

@@ -12,12 +12,13 @@ What a kind of growth needs is one small interface, :class:`Grower`: ``cut(model
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable
 
 import torch
 
-from ..errors import BadArgumentError, FxsparseError
+from ..errors import BadArgumentError
 from .blocks import blocks_of, find_block_runs
 from .identity import NotGrowableError, analyse_block
 from .insert import Copy, numbered_children, rearrange_children
@@ -32,7 +33,10 @@ class Grower:
     of its original size (1.0: exactly the original) in place, preserving its function, and returns how each new
     parameter was made, for :func:`remap_optimizer`."""
 
-    def cut(self, model: torch.nn.Module, fraction: float) -> None:
+    on_cut: Callable[[dict], None] | None = None  # for a cut that happens later (see WidthGrower)
+
+    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation] | None:
+        """Returns how each parameter the cut replaced was made (None: the survivors are the same objects)."""
         raise NotImplementedError
 
     def grow(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
@@ -112,42 +116,55 @@ class DepthGrower(Grower):
 
 
 class WidthGrower(Grower):
-    """Width: the cut is fxsparse's own structured pruning, in place; a growth is ``passes.ExpandWidth``, in
-    place. Until fxsparse has ExpandWidth, ``grow`` raises a FxsparseError saying so."""
+    """Width: the cut is fxsparse's own structured pruning, in place; a growth is ``passes.ExpandWidth``, in place
+    and function-preserving. A copy of the model as it was before the cut is kept (``like=``), so that every group
+    grows back to exactly its original width at the last stage, also where the cut's widths do not divide it."""
 
     def __init__(self, example_inputs: Any = None):
-        self.example_inputs = example_inputs
+        self.example_inputs, self.example_kwargs = example_inputs, None
+        self.original: torch.nn.Module | None = None
+        self.fraction = 1.0
+        # called with the cut's derivations when the cut waits for the first forward (no example_inputs)
+        self.on_cut: Callable[[dict], None] | None = None
 
-    @staticmethod
-    def check_available() -> None:
-        from .. import passes
+    def cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation] | None:
+        """Without ``example_inputs`` (msModelSlim's signature has none) the cut waits for the model's first
+        forward, traces it with those inputs and hands its derivations to ``on_cut`` (not under DDP: there, pass
+        example_inputs, so that the model is cut before it is wrapped)."""
+        if self.example_inputs is not None:
+            return self._cut(model, fraction)
 
-        if not hasattr(passes, "ExpandWidth"):
-            raise FxsparseError("width growth needs fxsparse.passes.ExpandWidth, which this fxsparse does not have "
-                                "yet; use sparse_model_depth, or an fxsparse with ExpandWidth")
+        def cut_on_first_forward(module, args, kwargs):
+            handle.remove()
+            self.example_inputs, self.example_kwargs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                             for a in args), dict(kwargs)
+            derivations = self._cut(module, fraction)
+            if self.on_cut is not None:
+                self.on_cut(derivations)
 
-    def cut(self, model: torch.nn.Module, fraction: float) -> None:
-        from ..api import prune
+        handle = model.register_forward_pre_hook(cut_on_first_forward, with_kwargs=True)
+        return None
 
-        if self.example_inputs is None:
-            raise BadArgumentError("sparse_model_width needs example_inputs= to trace the model for its cut")
-        prune(model, self.example_inputs, keep=fraction, inplace=True)
+    def _cut(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
+        from ..api import prune, width_derivations
+
+        self.original = copy.deepcopy(model)
+        before = dict(model.named_parameters())
+        result = prune(model, self.example_inputs, keep=fraction, inplace=True, example_kwargs=self.example_kwargs)
+        self.fraction = fraction
+        return width_derivations(model, before, result.plan)
 
     def grow(self, model: torch.nn.Module, fraction: float) -> dict[torch.nn.Parameter, Derivation]:
-        self.check_available()
         from .. import compile as fxsparse_compile
+        from ..api import width_derivations
         from ..passes import ExpandWidth
 
+        factor = None if fraction >= 1.0 else fraction / self.fraction
         before = dict(model.named_parameters())
-        result = fxsparse_compile(model, self.example_inputs, [ExpandWidth(target_fraction=fraction)], inplace=True)
-        # ExpandWidth records, per grown parameter, the source index of each new index along each grown dim
-        # and the scale applied (plan.extra["width"][name] = {"gather": {dim: [...]}, "scale": s})
-        derivations = {}
-        for name, record in result.plan.extra.get("width", {}).items():
-            old = before[name]
-            gather = tuple((int(dim), torch.tensor(index)) for dim, index in record["gather"].items())
-            derivations[model.get_parameter(name)] = Derivation(old, old, float(record.get("scale", 1.0)), gather)
-        return derivations
+        result = fxsparse_compile(model, self.example_inputs, [ExpandWidth(factor=factor, like=self.original)],
+                                  example_kwargs=self.example_kwargs, inplace=True)
+        self.fraction = fraction
+        return width_derivations(model, before, result.plan)
 
 
 class GrowthTrainer:
@@ -168,8 +185,8 @@ class GrowthTrainer:
         self.stage, self.steps = 0, 0
         self.before_growth: list[Callable[[GrowthTrainer], None]] = []
         self.after_growth: list[Callable[[GrowthTrainer], None]] = []
-        grower.cut(model, self.fraction(0))
-        remap_optimizer(optimizer, {}, model.parameters())
+        grower.on_cut = lambda derivations: remap_optimizer(optimizer, derivations, model.parameters())
+        grower.on_cut(grower.cut(model, self.fraction(0)) or {})
         self._hook = optimizer.register_step_post_hook(self._after_step)
         optimizer.fxsparse_growth = self
 
@@ -239,6 +256,5 @@ def sparse_model_width(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        epochs_each_stage, *, example_inputs: Any = None) -> torch.nn.Module:
     """msModelSlim's width growth training (cut by fxsparse's structured pruning, grown by passes.ExpandWidth)."""
     check_arguments(model, optimizer, steps_per_epoch, epochs_each_stage)
-    WidthGrower.check_available()
     GrowthTrainer(model, optimizer, steps_per_epoch, epochs_each_stage, WidthGrower(example_inputs))
     return model

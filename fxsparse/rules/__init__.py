@@ -59,8 +59,8 @@ FUNCTION_RULES.update({
     "normalize": MixesAlongDim(2, "dim", 1), "glu": Barrier("glu gates one half of a dim with the other"), "logcumsumexp": MixesAlongDim(1, blocks=ALL),
     "tril": Spatial(2), "triu": Spatial(2),
     # reductions
-    **{n: Reduction() for n in "mean sum amax amin std var logsumexp prod all any norm nansum nanmean var_mean "
-                                 "std_mean".split()},
+    **{n: Reduction() for n in "sum std var logsumexp prod norm nansum var_mean std_mean".split()},
+    **{n: Reduction(uniform_repeat=True) for n in "mean amax amin all any nanmean".split()},
     **{n: Reduction(blocks=ALL) for n in "argmax argmin max min".split()},  # indices of channels come out
     # pooling, resizing, padding
     **{f"{p}_pool{k}d": Spatial(k) for p in ("avg", "max", "lp") for k in (1, 2, 3)},

@@ -99,8 +99,14 @@ class Reduction(Rule):
 
     name = "reduction"
 
-    def __init__(self, dim_index: int = 1, keepdim_index: int = 2, blocks: int = ORDER_FREE):
+    def __init__(self, dim_index: int = 1, keepdim_index: int = 2, blocks: int = ORDER_FREE,
+                 uniform_repeat: bool = False):
         self.dim_index, self.keepdim_index, self.blocks = dim_index, keepdim_index, blocks
+        # a mean, max or min over channels is the same over each channel repeated k times: such a dim may be
+        # repeated, all its channels alike (a uniform set, as a LayerNorm's; RMSNorm written out as pow-mean-rsqrt)
+        self.uniform_repeat = uniform_repeat
+        if uniform_repeat:
+            self.blocks = blocks & ~REPEAT
 
     def labels(self, rc: RuleContext) -> NodeLabels:
         src = rc.arg(0, "input")
@@ -110,6 +116,8 @@ class Reduction(Rule):
         keepdim = bool(rc.arg(self.keepdim_index, "keepdim", False))
         for d in dims:
             rc.fix(labels[d], self.blocks)
+            if self.uniform_repeat and labels[d] is not None:
+                rc.graph.uniform.append(labels[d])
         out = [None if d in dims else labels[d] for d in range(ndim)] if keepdim else [
             labels[d] for d in range(ndim) if d not in dims]
         value = rc.node.meta.get("val")

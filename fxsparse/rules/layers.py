@@ -262,6 +262,27 @@ class LastDimsNorm(Rule):
             return (tuple(x),) + tuple(opaque_like_value(v) for v in value[1:])
         return tuple(x)
 
+    def rewrite(self, wc: RewriteContext) -> None:
+        """A repeat (or any re-indexing that changes a width) resizes ``normalized_shape``: the module attribute
+        of LayerNorm / RMSNorm, or the functional/aten argument. GroupNorm's channels are fixed: nothing changes."""
+        if self.normalized != "shape":
+            return
+        new = wc.new_shape(wc.node)
+        if isinstance(new, tuple) and new and isinstance(new[0], tuple):  # aten's native_layer_norm: (out, ...)
+            new = new[0]
+        if new is None:
+            return
+        if wc.node.op == "call_module":
+            module = wc.module
+            size = len(module.normalized_shape) if isinstance(module.normalized_shape, (tuple, list)) else 1
+            module.normalized_shape = tuple(int(s) for s in new[len(new) - size:])
+            return
+        shape = wc.arg(self.shape_index, "normalized_shape")
+        if isinstance(shape, (tuple, list)):
+            wc.set_arg(self.shape_index, "normalized_shape", [int(s) for s in new[len(new) - len(shape):]])
+        elif isinstance(shape, int):
+            wc.set_arg(self.shape_index, "normalized_shape", int(new[-1]))
+
 
 class Embedding(Rule):
     """Embedding lookups: the embedding dim is produced by the table's dim 1. ``weight_index``: the table's arg."""
