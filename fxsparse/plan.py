@@ -191,6 +191,7 @@ class Plan:
         grows (``scales`` recorded, or a dimension wider after than before), other orders only in a plan that
         reorders (some entry a full permutation of its dimension) or grows. With ``model``, the model must also
         have the plan's tensors and shapes (see :meth:`check_fits`)."""
+        self._check_nothing_pruned_inside_lowered_modules()  # the likeliest reason for unknown tensors: say it first
         entries = [(param, dim, kept) for param, dims in self.kept.items() for dim, kept in dims.items()]
         for param, dim, kept in entries:
             self._check_entry(param, dim, kept)
