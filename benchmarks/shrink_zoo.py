@@ -51,11 +51,17 @@ def image_side(name: str, requested: int) -> int:
     return requested
 
 
-def shrink_one(name: str, side: int) -> dict:
+def model_and_image(name: str, side: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model with random weights and randomised constants, and a random image it accepts."""
     torch.manual_seed(0)
     model = randomize_constants(build(name).eval())
     image = torch.randn(1, 3, image_side(name, side), image_side(name, side),
                         generator=torch.Generator().manual_seed(0))
+    return model, image
+
+
+def shrink_one(name: str, side: int) -> dict:
+    model, image = model_and_image(name, side)
     start = time.perf_counter()
     facts = channel_facts(model, image)
     masks = random_unit_masks(facts)
@@ -74,10 +80,7 @@ def shrink_one(name: str, side: int) -> dict:
 
 
 def reorder_one(name: str, side: int) -> dict:
-    torch.manual_seed(0)
-    model = randomize_constants(build(name).eval())
-    image = torch.randn(1, 3, image_side(name, side), image_side(name, side),
-                        generator=torch.Generator().manual_seed(0))
+    model, image = model_and_image(name, side)
     start = time.perf_counter()
     traced = fxsparse.trace(model, image)
     facts = channel_facts(model, image)

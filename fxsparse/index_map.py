@@ -41,7 +41,8 @@ class IndexMap:
     count: torch.Tensor
     source: torch.Tensor
     fractions: dict[int, torch.Tensor] = field(default_factory=dict)
-    kind: str = "keep"  # "remove", "reorder", "repeat" or "keep": what the report and the plan call it
+    # per factored label: its component and its factors' components (set by _derive; read to rebuild grids)
+    _derived_factors: tuple[torch.Tensor, ...] = field(default=(), init=False, repr=False)
 
     # -- making one ----------------------------------------------------------------------------------------------
     @classmethod
@@ -54,7 +55,6 @@ class IndexMap:
         """Remove ``removed_units`` (component roots): Shrink's map."""
         index_map = cls.identity(analysis)
         index_map.count[removed_units] = 0
-        index_map.kind = "remove"
         return index_map._derive()
 
     @classmethod
@@ -64,7 +64,6 @@ class IndexMap:
             raise FxsparseError("a channel permutation must map a set of units onto itself")
         index_map = cls.identity(analysis)
         index_map.source[slots] = sources
-        index_map.kind = "reorder"
         return index_map._derive()
 
     @classmethod
@@ -75,7 +74,6 @@ class IndexMap:
         index_map.count[units] = copies
         for unit, share in zip(units.tolist(), fractions):
             index_map.fractions[unit] = share
-        index_map.kind = "repeat"
         return index_map._derive()
 
     # -- derived components ------------------------------------------------------------------------------------
@@ -94,7 +92,6 @@ class IndexMap:
         outer_labels, inner_labels = analysis.factor_of[factored, 0], analysis.factor_of[factored, 1]
         derived, outer, inner = comp[factored], comp[outer_labels], comp[inner_labels]
         self._derived_factors = (derived, outer, inner)
-        self._n = analysis.n_labels
         for _ in range(32):
             before = (self.count.clone(), self.source.clone())
             self.count[derived] = self.count[outer] * self.count[inner]
@@ -108,10 +105,8 @@ class IndexMap:
     def _move_derived(self, bases: torch.Tensor, outer_labels: torch.Tensor, inner_labels: torch.Tensor) -> None:
         analysis = self.analysis
         comp = analysis.component
-        base_of_pair = {(o, i): b for b, o, i in zip(*(t.tolist() for t in (
-            torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten(),
-            analysis.factor_of[analysis.factor_of[:, 0] >= 0, 0],
-            analysis.factor_of[analysis.factor_of[:, 0] >= 0, 1])))}
+        factored = torch.nonzero(analysis.factor_of[:, 0] >= 0).flatten()
+        base_of_pair = {(o, i): b for b, (o, i) in zip(factored.tolist(), analysis.factor_of[factored].tolist())}
         moved_label = self._moved_labels(torch.cat([outer_labels, inner_labels]))
         for base, o, i in zip(bases.tolist(), outer_labels.tolist(), inner_labels.tolist()):
             target = base_of_pair.get((moved_label[o], moved_label[i]))
@@ -136,9 +131,6 @@ class IndexMap:
     def counts(self, labels: torch.Tensor) -> torch.Tensor:
         """New indices per old index of a label array: offsets and sizes follow from their sums."""
         return self.count[self.analysis.component[labels]]
-
-    def keep(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.counts(labels) > 0
 
     def is_identity(self, labels: torch.Tensor) -> bool:
         comps = self.analysis.component[labels]
@@ -194,7 +186,7 @@ class IndexMap:
     def _expand_grid(self, comps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Derived channels laid out as outer-major grids of (outer, inner) factor components."""
         derived, outer, inner = self._derived_factors
-        factor = torch.full((self._n, 2), -1, dtype=torch.long)
+        factor = torch.full((self.analysis.n_labels, 2), -1, dtype=torch.long)
         factor[derived, 0], factor[derived, 1] = outer, inner
         pairs = factor[comps]
         reads, shares, start = [], [], 0
