@@ -19,6 +19,7 @@ from .graph_utils import get_attr_value, set_attr_value
 from .growth.layout import apply_growth
 from .modules import PaddedConstantCorrection, with_border_correction
 from .plan import Plan
+from .rewrite import gather_along, planned_gathers
 from .trace import cache_disabled
 from .verify import verify_equivalent
 
@@ -332,16 +333,9 @@ def replay_gathers(model: nn.Module, plan: Plan, args: tuple, kwargs: dict,
         names_of.setdefault(id(tensor), []).append(name)
     try:
         with torch.no_grad():
-            for name, dims in plan.kept.items():
+            for name in plan.kept:
                 old = get_attr_value(model, name)
-                new = old.detach()
-                for dim, kept in dims.items():
-                    new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
-                    scale = plan.scales.get(name, {}).get(dim)
-                    if scale is not None:
-                        view = [1] * new.dim()
-                        view[dim] = len(scale)
-                        new = new * torch.tensor(scale, dtype=new.dtype, device=new.device).reshape(view)
+                new = gather_along(old.detach(), planned_gathers(plan, name))
                 if isinstance(old, nn.Parameter):
                     new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
                 for alias in names_of.get(id(old), [name]):  # tied weights stay one tensor
@@ -384,9 +378,6 @@ def permute_in_place(model: nn.Module, plan: Plan, optimizers: tuple = (),
                 related += [value for value in optimizer.state.get(tensor, {}).values()
                             if isinstance(value, torch.Tensor) and value.shape == tensor.shape]
             for target in related:
-                gathered = target
-                for dim, index in dims.items():
-                    gathered = gathered.index_select(dim, torch.as_tensor(index, device=target.device))
-                target.copy_(gathered)
+                target.copy_(gather_along(target, planned_gathers(plan, name)))
             moved.append(name)
     return moved

@@ -77,6 +77,24 @@ def select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
 Gathers = dict[str, dict[int, tuple[torch.Tensor, torch.Tensor | None]]]
 
 
+def gather_along(tensor: torch.Tensor, dims: dict[int, tuple[Any, Any]]) -> torch.Tensor:
+    """``tensor`` with each ``dim`` gathered by its (old index per new index, scale per new index or None): one
+    re-indexing as an index map or a plan records it (lists or tensors alike)."""
+    for dim, (index, scale) in dims.items():
+        tensor = select(tensor, dim, torch.as_tensor(index, dtype=torch.long, device=tensor.device))
+        if scale is not None:
+            view = [1] * tensor.dim()
+            view[dim] = len(scale)
+            tensor = tensor * torch.as_tensor(scale, dtype=tensor.dtype, device=tensor.device).reshape(view)
+    return tensor
+
+
+def planned_gathers(plan: Plan, name: str) -> dict[int, tuple[list[int], list[float] | None]]:
+    """The gathers ``plan`` records for tensor ``name``, in :func:`gather_along`'s form."""
+    scales = plan.scales.get(name, {})
+    return {dim: (kept, scales.get(dim)) for dim, kept in plan.kept.get(name, {}).items()}
+
+
 def gather_parameters(gm: fx.GraphModule, members, index_map: IndexMap,
                       aliases: dict[str, list[str]]) -> Gathers:
     """Gather every member tensor by the map; returns, per target and dim, (old index per new index, scale or
@@ -91,13 +109,7 @@ def gather_parameters(gm: fx.GraphModule, members, index_map: IndexMap,
     with torch.no_grad():
         for target, dims in gathers.items():
             tensor = get_attr_value(gm, target)
-            new = tensor
-            for dim, (read, scale) in dims.items():
-                new = select(new, dim, read)
-                if scale is not None:
-                    view = [1] * new.dim()
-                    view[dim] = len(scale)
-                    new = new * scale.to(new.dtype).reshape(view)
+            new = gather_along(tensor, dims)
             if isinstance(tensor, torch.nn.Parameter):  # select made ``new`` a fresh tensor
                 new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
             for name in aliases.get(target, [target]):
