@@ -18,7 +18,7 @@ from .inplace import apply_result, replay_gathers
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
 from .masks import unshare_parameters
-from .metrics import describe
+from .metrics import Costs, count_macs
 from .pass_manager import Pass, PassManager
 from .plan import Plan
 from .report import Report
@@ -131,7 +131,8 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.inputs = describe_inputs(args, kwargs)
     if traced.shapes:
         ctx.facts["traced_shapes"] = traced.shapes
-    before = describe(traced.module, args, kwargs)
+    before = Costs(traced.module, args, kwargs, macs=traced.macs if traced.macs is not None else
+                   count_macs(traced.module, args, kwargs))  # before any pass changes it
     lowering, notes = _lowering(traced, lower_modules, inplace)
     manager = PassManager(lowering + pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))
@@ -140,7 +141,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.shapes_after = _planned_shapes(ctx.module, own, ctx.plan)
     if not inplace:  # in place, the model takes the compiled module's tensors, those it shares included
         unshare_parameters(ctx.module, model)
-    after = describe(ctx.module, args, kwargs)
+    after = Costs(ctx.module, args, kwargs)
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes + notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)
     if inplace:

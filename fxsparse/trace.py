@@ -20,6 +20,7 @@ import torch.fx as fx
 from .errors import BadArgumentError, TraceError
 from .inputs import normalize_example_inputs
 from .masks import copy_sharing_tensors, unshare_parameters
+from .metrics import shape_and_count_macs
 from .shapes import propagate_shapes
 
 FRONTENDS = ("auto", "symbolic", "export")
@@ -35,6 +36,7 @@ class Traced:
     kwargs: dict
     notes: list[str] = field(default_factory=list)
     shapes: str = ""  # how every node already carries its value ("export", "meta", "fake"), "" if none does
+    macs: int | None = None  # counted while shaping the nodes on meta, or None
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -122,18 +124,22 @@ def check_signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
-def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -> str:
+def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -> tuple[str, int | None]:
     """BadArgumentError when the traced model cannot run on the example inputs (a wrong shape, dtype...).
 
     The check is shape inference itself (meta tensors, then fake tensors: no real memory), whose values stay on the
     nodes for ShapeInference to reuse; only when it fails is the model run for real, and only if that fails too are
     the inputs blamed. (Symbolic tracing never runs the model, so without this check wrong inputs would surface
-    later, in the middle of some pass.) Returns how the nodes were shaped ("meta" or "fake"), or "" when only the
-    real run worked. ``gm.forward`` is called rather than ``gm`` because GraphModule.__call__ prints a traceback to
-    stderr on every failure.
+    later, in the middle of some pass.) Returns how the nodes were shaped ("meta" or "fake", or "" when only the
+    real run worked) and, when on meta, the MACs counted in the same run. ``gm.forward`` is called rather than
+    ``gm`` because GraphModule.__call__ prints a traceback to stderr on every failure.
     """
     try:
-        return propagate_shapes(gm, args, kwargs)
+        return "meta", shape_and_count_macs(gm, args, kwargs)
+    except Exception:  # noqa: BLE001 - a meta kernel is missing: fake tensors run more
+        pass
+    try:
+        return propagate_shapes(gm, args, kwargs), None
     except Exception:  # noqa: BLE001 - some ops have neither a meta nor a fake kernel: only a real run can tell
         pass
     try:
@@ -144,7 +150,7 @@ def check_inputs_run(gm: fx.GraphModule, name: str, args: tuple, kwargs: dict) -
             f"example_inputs ({_shapes(args, kwargs)}): the traced {name} fails on them with {_first_line(error)}; "
             "check their shapes and dtypes (and, for a symbolic trace, concrete_args for non-tensor arguments)"
         ) from None
-    return ""
+    return "", None
 
 
 @contextlib.contextmanager
@@ -236,8 +242,8 @@ def _trace_with_frontends(model, args, kwargs, frontend, leaf_modules,
         except Exception as error:  # noqa: BLE001 - any tracing failure is reported, then export is tried
             failures.append(f"symbolic: {_first_line(error)}")
         else:
-            shapes = check_inputs_run(gm, type(model).__name__, args, kwargs)
-            return Traced(gm, "symbolic", args, kwargs, shapes=shapes), failures
+            shapes, macs = check_inputs_run(gm, type(model).__name__, args, kwargs)
+            return Traced(gm, "symbolic", args, kwargs, shapes=shapes, macs=macs), failures
     if frontend in ("auto", "export"):
         try:
             gm = _trace_export(model, args, kwargs)
