@@ -130,7 +130,7 @@ class Sparsify(Pass):
                                                                    dict[str, str]]:
         """The masks, which criterion chose each, and a note for each target the criterion could not score: those
         get magnitude masks, applied before the criterion runs (a calibrated one then sees them pruned)."""
-        unscored = self.criterion.unsupported(working, targets)
+        unscored = self.criterion.unsupported(working, targets, self.pattern)
         fallback = [target for target in targets if target.param in unscored]
         masks = Magnitude().compute_masks(working, fallback, self.pattern) if fallback else {}
         with torch.no_grad():

@@ -177,6 +177,19 @@ def test_a_grouped_convolution_is_left_to_magnitude_and_the_report_says_so(crite
     assert torch.equal(grouped != 0, NM(2, 4).keep_mask(model.grouped.weight.abs(), "conv"))
 
 
+def test_a_transposable_conv_whose_blocks_would_span_kernel_positions_is_left_to_magnitude():
+    from fxsparse.sparse import Eligibility
+
+    model, x = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 6, (1, 2))).eval(), torch.randn(2, 16, 6, 6)
+    result = fxsparse.compile(model, x, [passes.Sparsify("2:4", transposable=True, criterion="wanda", calibration=[x],
+                                                         eligible=Eligibility(min_rows=1, min_inputs=1))])
+    assert result.plan.masks["0.weight"]["criterion"] == "wanda"
+    assert result.plan.masks["2.weight"]["criterion"] == "magnitude"  # 6 x 2 rows: 4-row blocks cross positions
+    row = {r["weight"]: r for r in result.report.pass_record("Sparsify").rows}["2.weight"]
+    assert "span kernel positions" in row["note"]
+    assert NM(2, 4, transposable=True).holds(result.module.get_parameter("2.weight"), "conv")
+
+
 # --- transposable N:M with the calibrated criteria -----------------------------------------------------------------
 
 def correlated_layer(seed=0, rows=48, columns=256, tokens=2048):

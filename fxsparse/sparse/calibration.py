@@ -382,13 +382,20 @@ class CalibratedCriterion(WeightCriterion):
     def check_pattern(self, pattern) -> None:
         check_scope(self.method, getattr(pattern, "scope", "local"))
 
-    def unsupported(self, module: nn.Module, targets: Iterable) -> dict[str, str]:
+    def unsupported(self, module: nn.Module, targets: Iterable, pattern=None) -> dict[str, str]:
         names = [getattr(target, "param", target) for target in targets]
-        if isinstance(module, fx.GraphModule) and self.blocks is None:
-            return uncalibrated(module, names)
         modules = dict(module.named_modules())
         reasons = {name: module_target(name, modules.get(name.rpartition(".")[0])) for name in names}
-        return {name: reason for name, reason in reasons.items() if isinstance(reason, str)}
+        if isinstance(module, fx.GraphModule) and self.blocks is None:
+            reasons.update(uncalibrated(module, names))
+        reasons = {name: reason for name, reason in reasons.items() if isinstance(reason, str)}
+        if getattr(pattern, "transposable", False):  # a conv's M x M blocks span kernel positions unless M | out
+            for name in names:
+                weight = module.get_parameter(name)
+                if name not in reasons and weight.dim() > 2 and weight.shape[0] % pattern.m:
+                    reasons[name] = (f"{weight.shape[0]} output channels, not a multiple of M={pattern.m}: its "
+                                     "transposable blocks span kernel positions")
+        return reasons
 
     def compute_masks(self, module: nn.Module, targets: Iterable, pattern, calibration: list | None = None
                       ) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ verifies against the updated weights, masked, instead of the weights before it).
 into masks of the pattern (per layer, or over all layers for global unstructured sparsity).
 
 Two optional methods: ``check_pattern(pattern)`` refuses a pattern the criterion cannot choose (a one-line
-``BadArgumentError``, raised when the pass is built), and ``unsupported(module, targets) -> {parameter: why}``
-names the targets it cannot score (a grouped convolution for the calibrated criteria); the pass gives those
+``BadArgumentError``, raised when the pass is built), and ``unsupported(module, targets, pattern) -> {parameter:
+why}`` names the targets it cannot score (a grouped convolution for the calibrated criteria); the pass gives those
 magnitude masks and says so in its report.
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ class WeightCriterion:
     def check_pattern(self, pattern: Pattern) -> None:
         """Raise a one-line BadArgumentError if this criterion cannot choose masks of ``pattern``."""
 
-    def unsupported(self, module: torch.nn.Module, targets: list[WeightTarget]) -> dict[str, str]:
-        """``{parameter: why}`` for the targets this criterion cannot score in ``module``."""
+    def unsupported(self, module: torch.nn.Module, targets: list[WeightTarget], pattern: Pattern) -> dict[str, str]:
+        """``{parameter: why}`` for the targets this criterion cannot score in ``module`` with ``pattern``."""
         return {}
 
 
