@@ -8,8 +8,8 @@ Wanda reference code do). Only one block's activations (its inputs and outputs f
 block's statistics (Hessians for SparseGPT) are alive at a time, so depth does not raise the peak memory.
 
 Targets are ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2; weight stored as ``(in, out)``) and ``nn.Conv1d``/
-``nn.Conv2d`` with ``groups=1`` (their inputs unfolded into one row per output position, :mod:`.conv_rows`) inside
-the blocks.
+``nn.Conv2d`` (their inputs unfolded into one row per output position, :mod:`.conv_rows`; a grouped convolution
+is calibrated and pruned group by group, each group's outputs on its own input channels) inside the blocks.
 A model without a repeated stack (a plain MLP) is one block. A torch.fx GraphModule (what compile hands a pass)
 has no callable blocks: it is calibrated layer by layer, see graph_calibration.py. The weights are changed IN PLACE.
 """
@@ -245,6 +245,42 @@ def magnitude_prune(weight: torch.Tensor, _statistics, sparsity: float, n_of_m: 
     return weight * keep, keep
 
 
+class PerGroup:
+    """The statistics of a grouped convolution: one object per group, each fed its group's block of columns."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def add_batch(self, rows: torch.Tensor) -> None:
+        for part, columns in zip(self.parts, rows.chunk(len(self.parts), dim=-1)):
+            part.add_batch(columns)
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+
+def new_statistics(statistics_class, target: LinearTarget):
+    """``statistics_class(in_features)`` for ``target``, one per group for a grouped convolution (None: no data)."""
+    if statistics_class is None:
+        return None
+    if target.groups == 1:
+        return statistics_class(target.in_features)
+    return PerGroup([statistics_class(target.in_features) for _ in range(target.groups)])
+
+
+def by_group(function: Callable, target: LinearTarget, statistics, *args, **kwargs):
+    """``function(matrix, statistics, ...)`` on ``target``'s matrix, or for a grouped convolution with statistics
+    on each group's rows with its own statistics, the results stacked back (tuples element by element)."""
+    if not isinstance(statistics, PerGroup):
+        return function(target.matrix(), statistics, *args, **kwargs)
+    results = [function(rows, part, *args, **kwargs)
+               for rows, part in zip(target.matrix().chunk(target.groups), statistics.parts)]
+    if isinstance(results[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*results))
+    return torch.cat(results)
+
+
 METHODS = {
     # name: (statistics class or None, prune function(weight, statistics, sparsity, n_of_m, **options))
     "magnitude": (None, magnitude_prune),
@@ -275,9 +311,9 @@ def check_pattern_fits(n_of_m: tuple[int, int] | None, blocksize: int | None = N
                     f"{target.name} has {target.group_width} input channels, not a multiple of M={m}: exclude it"
                     if target.conv else
                     f"{target.name} has {target.in_features} inputs, not a multiple of M={m}: exclude it")
-            outputs = target.matrix().shape[0]
+            outputs = target.matrix().shape[0] // target.groups
             if transposable and outputs % m:
-                raise BadArgumentError(f"{target.name} has {outputs} outputs, not a multiple of M={m} "
+                raise BadArgumentError(f"{target.name} has {outputs} outputs (per group), not a multiple of M={m} "
                                        "(transposable): exclude it")
 
     return validate
@@ -328,7 +364,7 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
                                   transposable)
 
     def statistics(target: LinearTarget):
-        return statistics_class(target.in_features) if statistics_class else None
+        return new_statistics(statistics_class, target)
 
     if scope == "global":
         return _prune_globally(model, calibration, statistics, sparsity, blocks, include, exclude, only, progress)
@@ -336,8 +372,8 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
     def prune_block(_name, targets, stats):
         masks = {}
         for target in targets:
-            weight, keep = prune(target.matrix(), stats[target.name], sparsity, n_of_m, transposable=transposable,
-                                 **options)
+            weight, keep = by_group(prune, target, stats[target.name], sparsity, n_of_m, transposable=transposable,
+                                    **options)
             target.write(weight)
             masks[target.name] = target.layout(keep)
         return masks
@@ -353,8 +389,9 @@ def _prune_globally(model, calibration, statistics, sparsity, blocks, include, e
 
     def score_block(_name, targets, stats):
         for target in targets:
-            matrix, data = target.matrix(), stats[target.name]
-            scored[target.name] = (target, matrix.abs() if data is None else per_row_scores(matrix, data))
+            data = stats[target.name]
+            scored[target.name] = (target, target.matrix().abs() if data is None else by_group(per_row_scores, target,
+                                                                                               data))
         return {}
 
     calibrate_blocks(model, calibration, statistics, score_block, blocks, include, exclude, only, progress)
@@ -384,17 +421,20 @@ class CalibratedCriterion(WeightCriterion):
 
     def unsupported(self, module: nn.Module, targets: Iterable, pattern=None) -> dict[str, str]:
         names = [getattr(target, "param", target) for target in targets]
-        modules = dict(module.named_modules())
-        reasons = {name: module_target(name, modules.get(name.rpartition(".")[0])) for name in names}
         if isinstance(module, fx.GraphModule) and self.blocks is None:
-            reasons.update(uncalibrated(module, names))
-        reasons = {name: reason for name, reason in reasons.items() if isinstance(reason, str)}
-        if getattr(pattern, "transposable", False):  # a conv's M x M blocks span kernel positions unless M | out
-            for name in names:
-                weight = module.get_parameter(name)
-                if name not in reasons and weight.dim() > 2 and weight.shape[0] % pattern.m:
-                    reasons[name] = (f"{weight.shape[0]} output channels, not a multiple of M={pattern.m}: its "
-                                     "transposable blocks span kernel positions")
+            reasons = uncalibrated(module, names)
+            found = {t.name: t for t in graph_targets(module, only=set(names)).values()}
+        else:
+            modules = dict(module.named_modules())
+            found = {name: module_target(name, modules.get(name.rpartition(".")[0])) for name in names}
+            reasons = {name: why for name, why in found.items() if isinstance(why, str)}
+        if getattr(pattern, "transposable", False):
+            for name, target in found.items():
+                if isinstance(target, LinearTarget) and target.conv is not None and name not in reasons:
+                    outputs = target.parameter.shape[0] // target.groups
+                    if outputs % pattern.m:  # the "conv" layout's M x M blocks would span kernel positions/groups
+                        reasons[name] = (f"{outputs} output channels per group, not a multiple of M={pattern.m}: "
+                                         "its transposable blocks span kernel positions or groups")
         return reasons
 
     def compute_masks(self, module: nn.Module, targets: Iterable, pattern, calibration: list | None = None

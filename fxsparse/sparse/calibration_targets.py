@@ -1,6 +1,6 @@
 """The weights the one-shot engine prunes: Linear-like layers (layouts as :mod:`fxsparse.sparse.targets` finds
-them) and Conv1d/Conv2d with ``groups=1`` (a linear map of their unfolded input, see :mod:`.conv_rows`), each with
-its parameter, so the engine can read and write it as an ``(out, in)`` matrix and turn its inputs into rows."""
+them) and Conv1d/Conv2d (a linear map of their unfolded input, see :mod:`.conv_rows`), each with its parameter, so
+the engine can read and write it as an ``(out, in)`` matrix and turn its inputs into rows."""
 from __future__ import annotations
 
 import fnmatch
@@ -33,6 +33,12 @@ class LinearTarget:
         return self.parameter.shape[0 if self.transposed else 1]
 
     @property
+    def groups(self) -> int:
+        """A grouped convolution's groups: its matrix is that many row blocks, each multiplying its own block of
+        ``in_features`` columns of the rows (1 for everything else)."""
+        return self.conv.groups if self.conv is not None else 1
+
+    @property
     def group_width(self) -> int:
         """How many consecutive matrix columns an N:M group may span: the input channels of a convolution (its
         groups run along C at one kernel position), every input of a Linear."""
@@ -57,7 +63,7 @@ class LinearTarget:
         return (mask.T if self.transposed else mask).contiguous()
 
     def input_rows(self, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The layer's input as rows of ``in_features`` matching :meth:`matrix`'s columns, in chunks (a
+        """The layer's input as rows of ``groups x in_features`` matching :meth:`matrix`'s columns, in chunks (a
         convolution's unfolded patches; a Linear's tokens as they are)."""
         if self.conv is not None:
             yield from self.conv.rows(inputs)
@@ -76,8 +82,8 @@ def selected(name: str, include: Iterable[str] | None, exclude: Iterable[str] | 
 
 def linear_targets(root: nn.Module, prefix: str, include: Iterable[str] | None, exclude: Iterable[str] | None,
                    only: set[str] | None = None) -> list[LinearTarget]:
-    """The Linear/Conv1D layers and the Conv1d/Conv2d with ``groups=1`` under ``root`` whose weight name (``prefix``
-    + local name + ``.weight``) is selected by ``include``/``exclude``/``only``."""
+    """The Linear/Conv1D/Conv1d/Conv2d layers under ``root`` whose weight name (``prefix`` + local name +
+    ``.weight``) is selected by ``include``/``exclude``/``only``."""
     found = []
     for local, module in root.named_modules():
         target = module_target(".".join(part for part in (prefix, local, "weight") if part), module)
@@ -87,8 +93,8 @@ def linear_targets(root: nn.Module, prefix: str, include: Iterable[str] | None, 
 
 
 def module_target(name: str, module: nn.Module) -> LinearTarget | str | None:
-    """The target for ``module``'s weight, why it is not one (a grouped or 3-D convolution), or None when the
-    module is not linear-like at all."""
+    """The target for ``module``'s weight, why it is not one (a 3-D convolution), or None when the module is not
+    linear-like at all."""
     layout = layout_of_module(module)
     if layout in ("linear", "in_out"):
         return LinearTarget(name, module.weight, layout == "in_out", module)

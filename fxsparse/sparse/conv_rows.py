@@ -1,10 +1,11 @@
 """A convolution as a matrix product: the rows of its unfolded input (im2col), for the calibrated criteria.
 
-A Conv1d/Conv2d with ``groups=1`` computes, at every output position, ``W.x`` over one patch of its input: the
-C input channels at its K kernel positions. Unfolding the input into one row per output position (of every
-example) turns the convolution into ``rows @ matrix.T`` with ``matrix`` the weight as ``(out, K x C)``. Wanda's
-feature norms and SparseGPT's Hessian ``2 X^T X / n`` are taken over those rows exactly as over a Linear layer's
-tokens.
+A Conv1d/Conv2d computes, at every output position, ``W.x`` over one patch of its input: the C input channels at
+its K kernel positions. Unfolding the input into one row per output position (of every example) turns the
+convolution into ``rows @ matrix.T`` with ``matrix`` the weight as ``(out, K x C)``. Wanda's feature norms and
+SparseGPT's Hessian ``2 X^T X / n`` are taken over those rows exactly as over a Linear layer's tokens. A grouped
+convolution (``groups=g``) is g such products side by side: group i's outputs read only its C/g channels, so its
+rows are the i-th of g equal column blocks (each ordered as below) and its matrix the i-th of g row blocks.
 
 The columns are ordered kernel position first, input channel second (``weight.movedim(1, -1).flatten(1)``), so
 M consecutive columns are M consecutive input channels at one kernel position: the groups the N:M "conv" layout
@@ -34,14 +35,15 @@ class ConvGeometry:
     dilation: tuple[int, ...]
     padding: tuple[tuple[int, int], ...]
     padding_mode: str = "zeros"
+    groups: int = 1
 
     @property
     def positions(self) -> int:
         return math.prod(self.kernel)
 
     def rows(self, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The unfolded rows of ``inputs`` (``(batch, C, *spatial)`` or unbatched), ``(positions, K x C)`` each,
-        a few examples at a time."""
+        """The unfolded rows of ``inputs`` (``(batch, C, *spatial)`` or unbatched), ``(positions, K x C)`` each
+        (for g groups: g blocks of ``K x C/g`` columns, one per group), a few examples at a time."""
         spatial = len(self.kernel)
         x = inputs.detach()
         if x.dim() == spatial + 1:
@@ -62,8 +64,9 @@ class ConvGeometry:
             x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
         batch, channels = x.shape[:2]
         patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (batch, C x K, positions), C outermost
-        patches = patches.reshape(batch, channels, self.positions, -1).permute(0, 3, 2, 1)
-        return patches.reshape(-1, self.positions * channels)
+        groups = self.groups
+        patches = patches.reshape(batch, groups, channels // groups, self.positions, -1).permute(0, 4, 1, 3, 2)
+        return patches.reshape(-1, self.positions * channels)  # (batch x positions, groups x K x C/g)
 
 
 def _output_size(spatial: torch.Size, geometry: ConvGeometry) -> list[int]:
@@ -77,7 +80,7 @@ def _per_dim(value, dims: int) -> tuple[int, ...]:
     return tuple(int(v) for v in (values * dims if len(values) == 1 else values))
 
 
-def geometry(kernel, stride, padding, dilation, padding_mode: str = "zeros") -> ConvGeometry:
+def geometry(kernel, stride, padding, dilation, padding_mode: str = "zeros", groups: int = 1) -> ConvGeometry:
     """A :class:`ConvGeometry` from a convolution's arguments, ``padding`` as ints, ``"valid"`` or ``"same"``
     (torch's "same" puts the odd pixel of an even total padding after)."""
     kernel = _per_dim(kernel, len(kernel))
@@ -90,16 +93,15 @@ def geometry(kernel, stride, padding, dilation, padding_mode: str = "zeros") -> 
         pads = tuple((total // 2, total - total // 2) for total in totals)
     else:
         pads = tuple((p, p) for p in _per_dim(padding, dims))
-    return ConvGeometry(kernel, stride, dilation, pads, padding_mode)
+    return ConvGeometry(kernel, stride, dilation, pads, padding_mode, int(groups))
 
 
 def module_geometry(module: nn.Module) -> ConvGeometry | str:
     """The geometry of an ``nn.Conv1d``/``nn.Conv2d``, or why its input is not unfolded here."""
     if isinstance(module, nn.Conv3d) or not isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return f"{type(module).__name__} inputs are not unfolded (Conv1d and Conv2d are)"
-    if module.groups != 1:
-        return f"grouped convolution (groups={module.groups})"
-    return geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.padding_mode)
+    return geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.padding_mode,
+                    module.groups)
 
 
 _ATEN = torch.ops.aten
@@ -113,7 +115,5 @@ def op_geometry(op, arguments: dict, weight: torch.Tensor) -> ConvGeometry | str
         return f"{weight.dim() - 2}-D convolution inputs are not unfolded (1-D and 2-D are)"
     if arguments.get("transposed", False):
         return "transposed convolution"
-    if arguments.get("groups", 1) != 1:
-        return f"grouped convolution (groups={arguments['groups']})"
     return geometry(tuple(weight.shape[2:]), arguments.get("stride", 1), arguments.get("padding", 0),
-                    arguments.get("dilation", 1))
+                    arguments.get("dilation", 1), groups=arguments.get("groups", 1))

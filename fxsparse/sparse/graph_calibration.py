@@ -11,7 +11,7 @@ statistics and the values live across the current op (one block's working set, f
 Recognised weight uses: a Linear/Conv1D/Conv1d/Conv2d ``call_module`` (symbolic graphs), and ``aten.linear``
 (weight ``(out, in)``), ``aten.addmm``/``aten.mm`` (``x @ W``, weight ``(in, out)``) and the 1-D/2-D aten
 convolutions on a ``get_attr`` weight (export graphs). A convolution's input is unfolded into rows (see
-:mod:`.conv_rows`); a grouped, transposed or 3-D convolution is not a target, nor is a weight with any other use
+:mod:`.conv_rows`); a transposed or 3-D convolution is not a target, nor is a weight with any other use
 (a tied embedding); :func:`uncalibrated` says why.
 """
 from __future__ import annotations
