@@ -193,14 +193,19 @@ def test_a_grouped_convolution_is_pruned_group_by_group_as_separate_convolutions
     torch.testing.assert_close(result.module.get_parameter("grouped.weight"), torch.cat(expected))
 
 
-def test_depthwise_convolutions_take_unstructured_wanda_per_output_channel():
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_depthwise_convolutions_take_unstructured_masks_through_the_export_frontend(criterion):
     torch.manual_seed(0)
     model, x = GroupedNet().eval(), torch.randn(2, 32, 8, 8)
-    result = fxsparse.compile(model, x, [passes.Sparsify("unstructured", sparsity=0.5, criterion="wanda",
+    result = fxsparse.compile(model, x, [passes.Sparsify("unstructured", sparsity=0.5, criterion=criterion,
                                                          calibration=[x])], frontend="export")
-    assert result.plan.masks["depthwise.weight"]["criterion"] == "wanda"
-    pruned = (result.module.get_parameter("depthwise.weight") == 0).reshape(32, 9).sum(1)
-    assert (pruned == 4).all()  # each output channel's own 9 weights compete: floor(9 * 0.5) go
+    assert result.plan.masks["depthwise.weight"]["criterion"] == criterion
+    keep = result.plan.sparsity_masks()["depthwise.weight"]
+    pruned = (~keep).reshape(32, 9).sum(1)
+    if criterion == "wanda":
+        assert (pruned == 4).all()  # each output channel's own 9 weights compete: floor(9 * 0.5) go
+    else:  # SparseGPT's exact count per layer, shared over the groups: 4 or 5 of each 9
+        assert int(pruned.sum()) == 144 and set(pruned.tolist()) == {4, 5}
 
 
 def test_a_transposable_conv_whose_blocks_would_span_kernel_positions_is_left_to_magnitude():

@@ -269,16 +269,37 @@ def new_statistics(statistics_class, target: LinearTarget):
     return PerGroup([statistics_class(target.in_features) for _ in range(target.groups)])
 
 
-def by_group(function: Callable, target: LinearTarget, statistics, *args, **kwargs):
-    """``function(matrix, statistics, ...)`` on ``target``'s matrix, or for a grouped convolution with statistics
-    on each group's rows with its own statistics, the results stacked back (tuples element by element)."""
+def _group_sparsities(target: LinearTarget, sparsity: float) -> list[float]:
+    """Each group's sparsity such that the groups together prune exactly ``round(numel * sparsity)`` weights (a
+    depthwise group of 9 weights alone would round 4.5 to 4 every time)."""
+    total, groups = round(target.parameter.numel() * sparsity), target.groups
+    edges = [round(total * i / groups) for i in range(groups + 1)]
+    size = target.parameter.numel() // groups
+    return [(after - before) / size for before, after in zip(edges, edges[1:])]
+
+
+def prune_target(prune: Callable, target: LinearTarget, statistics, sparsity: float, n_of_m, exact_count: bool = False,
+                 **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prune(matrix, statistics, sparsity, n_of_m, **options)`` on ``target``; for a grouped convolution with
+    statistics, on each group's rows with its own statistics, stacked back. ``exact_count``: the groups share
+    ``round(numel * sparsity)`` pruned weights exactly (SparseGPT's count per layer; Wanda's is per output row)."""
     if not isinstance(statistics, PerGroup):
-        return function(target.matrix(), statistics, *args, **kwargs)
-    results = [function(rows, part, *args, **kwargs)
-               for rows, part in zip(target.matrix().chunk(target.groups), statistics.parts)]
-    if isinstance(results[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*results))
-    return torch.cat(results)
+        return prune(target.matrix(), statistics, sparsity, n_of_m, **options)
+    shares = _group_sparsities(target, sparsity) if exact_count and n_of_m is None else [sparsity] * target.groups
+    parts = [prune(rows, part, share, n_of_m, **options)
+             for rows, part, share in zip(target.matrix().chunk(target.groups), statistics.parts, shares)]
+    return torch.cat([weight for weight, _ in parts]), torch.cat([keep for _, keep in parts])
+
+
+def target_scores(target: LinearTarget, statistics) -> torch.Tensor:
+    """The scores one global threshold compares: Wanda's per calibration row (per group for a grouped
+    convolution), or ``|W|`` without statistics."""
+    if statistics is None:
+        return target.matrix().abs()
+    if not isinstance(statistics, PerGroup):
+        return per_row_scores(target.matrix(), statistics)
+    return torch.cat([per_row_scores(rows, part)
+                      for rows, part in zip(target.matrix().chunk(target.groups), statistics.parts)])
 
 
 METHODS = {
@@ -372,8 +393,8 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
     def prune_block(_name, targets, stats):
         masks = {}
         for target in targets:
-            weight, keep = by_group(prune, target, stats[target.name], sparsity, n_of_m, transposable=transposable,
-                                    **options)
+            weight, keep = prune_target(prune, target, stats[target.name], sparsity, n_of_m,
+                                        exact_count=criterion == "sparsegpt", transposable=transposable, **options)
             target.write(weight)
             masks[target.name] = target.layout(keep)
         return masks
@@ -389,9 +410,7 @@ def _prune_globally(model, calibration, statistics, sparsity, blocks, include, e
 
     def score_block(_name, targets, stats):
         for target in targets:
-            data = stats[target.name]
-            scored[target.name] = (target, target.matrix().abs() if data is None else by_group(per_row_scores, target,
-                                                                                               data))
+            scored[target.name] = (target, target_scores(target, stats[target.name]))
         return {}
 
     calibrate_blocks(model, calibration, statistics, score_block, blocks, include, exclude, only, progress)
