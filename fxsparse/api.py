@@ -17,6 +17,7 @@ from .graph_utils import iter_tensors
 from .inplace import apply_result, replay_gathers
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
+from .masks import unshare_parameters
 from .metrics import describe
 from .pass_manager import Pass, PassManager
 from .plan import Plan
@@ -137,6 +138,8 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     for record_pass in manager.passes:
         ctx.plan.record_pass(record_pass.name, record_pass.settings())
     ctx.plan.shapes_after = _planned_shapes(ctx.module, own, ctx.plan)
+    if not inplace:  # in place, the model takes the compiled module's tensors, those it shares included
+        unshare_parameters(ctx.module, model)
     after = describe(ctx.module, args, kwargs)
     report = Report(type(model).__name__, traced.frontend, before, after, records, traced.notes + notes)
     result = CompileResult(ctx.module, report, ctx.plan, args, kwargs)

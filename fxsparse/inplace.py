@@ -127,7 +127,7 @@ def _move_tensors(model: nn.Module, state: dict[str, torch.Tensor], plan: Plan) 
             set_attr_value(model, name, replaced[id(old)])
             continue
         requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
-        tensor = value.detach().clone()
+        tensor = value.detach()  # no copy: the model and the compiled module compute the same, from the same memory
         if isinstance(old, nn.Parameter) or old is None:
             tensor = nn.Parameter(tensor, requires_grad=requires_grad)
         set_attr_value(model, name, tensor)

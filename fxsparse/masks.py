@@ -75,17 +75,36 @@ def _full_mask(target: str, mask: Any, weight: torch.Tensor) -> torch.Tensor:
         f"{tuple(weight.shape)} or a 1-D mask of {weight.shape[0]} output channels")
 
 
-def copy_sharing_tensors(module: torch.nn.Module) -> torch.nn.Module:
+def copy_sharing_tensors(module: torch.nn.Module, buffers: bool = True) -> torch.nn.Module:
     """A deep copy of ``module``'s structure (submodules, graph, attributes) that shares the original's tensors.
 
     Passes treat tensors as values: a pass that changes a weight puts a new tensor in its place (masking, slicing,
     folding a constant into a bias) and never writes into one. So a copy needs no copies of the weights it does
     not change, which on a large model are most of the cost of a copy (fresh memory is slow to fault in).
+    ``buffers=False`` copies the buffers and plain tensor attributes, and shares the parameters only: for a copy of
+    a user's model, whose forward may update its own buffers (running statistics, counters) in place.
     """
     memo: dict[int, Any] = {}
-    for tensor in _tensors_held(module):
+    for tensor in (_tensors_held(module) if buffers else module.parameters()):
         memo[id(tensor)] = tensor
     return copy.deepcopy(module, memo)
+
+
+def unshare_parameters(module: torch.nn.Module, other: torch.nn.Module) -> int:
+    """Give ``module`` its own copy of every parameter it still shares with ``other`` (tied ones stay tied), so
+    that training one never moves the other; returns how many tensors were copied."""
+    theirs = {id(p) for p in other.parameters()}
+    copied = 0
+    with torch.no_grad():
+        for key, names in tensor_names(module).items():
+            if key not in theirs:
+                continue
+            shared = get_attr_value(module, names[0])
+            own = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            for name in names:
+                set_attr_value(module, name, own)
+            copied += 1
+    return copied
 
 
 def _tensors_held(module: torch.nn.Module):

@@ -8,7 +8,6 @@ transformers, data-dependent Python). ``auto`` tries symbolic first, then export
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import sys
@@ -20,6 +19,7 @@ import torch.fx as fx
 
 from .errors import BadArgumentError, TraceError
 from .inputs import normalize_example_inputs
+from .masks import copy_sharing_tensors, unshare_parameters
 from .shapes import propagate_shapes
 
 FRONTENDS = ("auto", "symbolic", "export")
@@ -168,10 +168,14 @@ def cache_disabled(model: torch.nn.Module):
 
 
 def prepare_model(model: Any) -> torch.nn.Module:
-    """A private eval-mode copy of ``model``: fxsparse never changes the user's module unless asked to."""
+    """A private eval-mode copy of ``model``: fxsparse never changes the user's module unless asked to.
+
+    The copy shares the model's parameters (passes put new tensors in place of those they change, never write into
+    one), so it costs no memory for the weights; its buffers are its own, since a forward may update them. A
+    compile gives its result its own copy of what is still shared at the end (``unshare_parameters``)."""
     if not isinstance(model, torch.nn.Module):
         raise BadArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    return copy.deepcopy(model).eval()
+    return copy_sharing_tensors(model, buffers=False).eval()
 
 
 def trace_module(
@@ -263,4 +267,6 @@ def trace(
     """Trace a private eval-mode copy of ``model``; ``Traced.frontend`` says which frontend ran."""
     prepared = prepare_model(model)
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
-    return trace_module(prepared, args, kwargs, frontend, leaf_modules, concrete_args)
+    traced = trace_module(prepared, args, kwargs, frontend, leaf_modules, concrete_args)
+    unshare_parameters(traced.module, model)
+    return traced

@@ -204,6 +204,26 @@ def test_in_place_check_leaves_mutated_buffers_as_they_were(monkeypatch):
     assert model.conv.out_channels == 4 and int(model.counter.calls) == 0  # the check's own calls are not counted
 
 
+def test_compiled_module_shares_no_tensor_with_the_users_model():
+    """The private copy shares the model's parameters while passes run (no full copy of the weights); the result
+    must own its tensors at the end, so that training it never moves the user's model, and the buffers a forward
+    updates are the copy's own from the start."""
+    torch.manual_seed(0)
+    model = CountingNet()
+    before = state_of(model)
+    result = fxsparse.compile(model, torch.randn(2, 3, 8, 8), [passes.Prune(ratio=0.5, ignore=["conv"]),
+                                                            passes.Shrink()], leaf_modules=[Counter])
+    assert result.module.conv.weight.shape == model.conv.weight.shape  # kept whole: it would be shared if not copied
+    users = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert all(t.untyped_storage().data_ptr() not in users
+               for t in (*result.module.parameters(), *result.module.buffers()))
+    optimizer = torch.optim.SGD(result.module.parameters(), lr=0.1)
+    result.module.train()
+    result.module(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    assert_same_state(model, before)
+
+
 # -- plans ---------------------------------------------------------------------------------------------------------
 class ConstantNet(nn.Module):
     def __init__(self):
