@@ -6,8 +6,9 @@ weight, along the input dimension with apex's layout rules (see :mod:`fxsparse.s
 the entries per layer (``scope="local"``) or under one threshold for all layers (``scope="global"``). Which entries
 stay is the criterion's choice (:data:`fxsparse.sparse.WEIGHT_CRITERIA`: "magnitude", and the calibration-aware
 "wanda" and "sparsegpt", which take ``calibration=[example inputs, ...]``). A target the criterion cannot score
-(a grouped convolution for Wanda and SparseGPT) gets a magnitude mask of the same pattern, first, and its report
-row and plan entry say "magnitude" and why.
+(for Wanda and SparseGPT: a transposed or 3-D convolution, or a convolution whose transposable blocks would span
+kernel positions) gets a magnitude mask of the same pattern, first, and its report row and plan entry say
+"magnitude" and why.
 
 Shapes do not change: the new module has masked weights. It is verified against the *masked reference* (the
 weights before this pass, or as the criterion updated them, multiplied by the masks), which checks that exactly the

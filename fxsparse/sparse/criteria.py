@@ -16,7 +16,7 @@ into masks of the pattern (per layer, or over all layers for global unstructured
 
 Two optional methods: ``check_pattern(pattern)`` refuses a pattern the criterion cannot choose (a one-line
 ``BadArgumentError``, raised when the pass is built), and ``unsupported(module, targets, pattern) -> {parameter:
-why}`` names the targets it cannot score (a grouped convolution for the calibrated criteria); the pass gives those
+why}`` names the targets it cannot score (a 3-D convolution for the calibrated criteria); the pass gives those
 magnitude masks and says so in its report.
 """
 from __future__ import annotations
