@@ -7,7 +7,9 @@ again so the next block calibrates on the outputs of the already-pruned blocks b
 Wanda reference code do). Only one block's activations (its inputs and outputs for the calibration set) and one
 block's statistics (Hessians for SparseGPT) are alive at a time, so depth does not raise the peak memory.
 
-Targets are ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2; weight stored as ``(in, out)``) inside the blocks.
+Targets are ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2; weight stored as ``(in, out)``) and ``nn.Conv1d``/
+``nn.Conv2d`` (their inputs unfolded into one row per output position, :mod:`.conv_rows`; a grouped convolution
+is calibrated and pruned group by group, each group's outputs on its own input channels) inside the blocks.
 A model without a repeated stack (a plain MLP) is one block. A torch.fx GraphModule (what compile hands a pass)
 has no callable blocks: it is calibrated layer by layer, see graph_calibration.py. The weights are changed IN PLACE.
 """
@@ -24,19 +26,22 @@ from tqdm.auto import tqdm
 from ..errors import BadArgumentError
 from ..inputs import normalize_example_inputs
 from .criteria import WEIGHT_CRITERIA, WeightCriterion
-from .graph_calibration import calibrate_graph, graph_targets
+from .graph_calibration import calibrate_graph, graph_targets, uncalibrated
+from .patterns import NM, Unstructured
 from .sparsegpt import HessianStatistics, sparsegpt_prune
-from .calibration_targets import LinearTarget, linear_targets
-from .wanda import WandaStatistics, wanda_prune
+from .calibration_targets import LinearTarget, linear_targets, module_target
+from .wanda import WandaStatistics, per_row_scores, wanda_prune
 
 log = logging.getLogger(__name__)
 
 # -- patterns --------------------------------------------------------------------------------------------------
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
+def parse_pattern(pattern: str | NM | Unstructured) -> tuple[int, int] | None:
     """``"unstructured"`` -> None; ``"N:M"`` (N kept of every M consecutive inputs) -> ``(N, M)``."""
-    if pattern == "unstructured":
+    if isinstance(pattern, NM):
+        return pattern.n, pattern.m
+    if pattern == "unstructured" or isinstance(pattern, Unstructured):
         return None
     try:
         n, m = (int(part) for part in str(pattern).split(":"))
@@ -201,10 +206,14 @@ def _check_targets(found: list[LinearTarget], only: set[str] | None, validate) -
 
 def _observe(block: nn.Module, inputs: list, observed: dict[str, LinearTarget], stats: dict[str, Statistics]):
     """Run ``block`` on every calibration input with hooks feeding each observed layer's input to its stats."""
-    handles = [
-        target.module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add_batch(args[0]))
-        for name, target in observed.items()
-    ]
+    def observer(target: LinearTarget, statistics: Statistics):
+        def add(_module, args):
+            for rows in target.input_rows(args[0]):
+                statistics.add_batch(rows)
+        return add
+
+    handles = [target.module.register_forward_pre_hook(observer(target, stats[name]))
+               for name, target in observed.items()]
     try:
         for args, kwargs in inputs:
             block(*args, **kwargs)
@@ -216,11 +225,15 @@ def _observe(block: nn.Module, inputs: list, observed: dict[str, LinearTarget], 
 # -- criteria --------------------------------------------------------------------------------------------------
 
 
-def magnitude_prune(weight: torch.Tensor, _statistics, sparsity: float, n_of_m: tuple[int, int] | None = None):
+def magnitude_prune(weight: torch.Tensor, _statistics, sparsity: float, n_of_m: tuple[int, int] | None = None,
+                    transposable: bool = False):
     """Plain per-layer magnitude: zero the ``round(numel * sparsity)`` smallest ``|W|`` (or keep the N largest of
-    every M consecutive inputs). Returns ``(pruned weight, keep-mask)``."""
+    every M consecutive inputs, both ways in M x M blocks if ``transposable``). Returns ``(pruned weight,
+    keep-mask)``."""
     scores = weight.abs()
-    if n_of_m:
+    if n_of_m and transposable:
+        keep = NM(*n_of_m, transposable=True).keep_mask(scores, "linear")
+    elif n_of_m:
         n, m = n_of_m
         groups = scores.reshape(scores.shape[0], -1, m)
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2).indices, True)
@@ -230,6 +243,63 @@ def magnitude_prune(weight: torch.Tensor, _statistics, sparsity: float, n_of_m: 
         keep[scores.flatten().topk(round(weight.numel() * sparsity), largest=False).indices] = False
         keep = keep.reshape(weight.shape)
     return weight * keep, keep
+
+
+class PerGroup:
+    """The statistics of a grouped convolution: one object per group, each fed its group's block of columns."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def add_batch(self, rows: torch.Tensor) -> None:
+        for part, columns in zip(self.parts, rows.chunk(len(self.parts), dim=-1)):
+            part.add_batch(columns)
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+
+def new_statistics(statistics_class, target: LinearTarget):
+    """``statistics_class(in_features)`` for ``target``, one per group for a grouped convolution (None: no data)."""
+    if statistics_class is None:
+        return None
+    if target.groups == 1:
+        return statistics_class(target.in_features)
+    return PerGroup([statistics_class(target.in_features) for _ in range(target.groups)])
+
+
+def _group_sparsities(target: LinearTarget, sparsity: float) -> list[float]:
+    """Each group's sparsity such that the groups together prune exactly ``round(numel * sparsity)`` weights (a
+    depthwise group of 9 weights alone would round 4.5 to 4 every time)."""
+    total, groups = round(target.parameter.numel() * sparsity), target.groups
+    edges = [round(total * i / groups) for i in range(groups + 1)]
+    size = target.parameter.numel() // groups
+    return [(after - before) / size for before, after in zip(edges, edges[1:])]
+
+
+def prune_target(prune: Callable, target: LinearTarget, statistics, sparsity: float, n_of_m, exact_count: bool = False,
+                 **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prune(matrix, statistics, sparsity, n_of_m, **options)`` on ``target``; for a grouped convolution with
+    statistics, on each group's rows with its own statistics, stacked back. ``exact_count``: the groups share
+    ``round(numel * sparsity)`` pruned weights exactly (SparseGPT's count per layer; Wanda's is per output row)."""
+    if not isinstance(statistics, PerGroup):
+        return prune(target.matrix(), statistics, sparsity, n_of_m, **options)
+    shares = _group_sparsities(target, sparsity) if exact_count and n_of_m is None else [sparsity] * target.groups
+    parts = [prune(rows, part, share, n_of_m, **options)
+             for rows, part, share in zip(target.matrix().chunk(target.groups), statistics.parts, shares)]
+    return torch.cat([weight for weight, _ in parts]), torch.cat([keep for _, keep in parts])
+
+
+def target_scores(target: LinearTarget, statistics) -> torch.Tensor:
+    """The scores one global threshold compares: Wanda's per calibration row (per group for a grouped
+    convolution), or ``|W|`` without statistics."""
+    if statistics is None:
+        return target.matrix().abs()
+    if not isinstance(statistics, PerGroup):
+        return per_row_scores(target.matrix(), statistics)
+    return torch.cat([per_row_scores(rows, part)
+                      for rows, part in zip(target.matrix().chunk(target.groups), statistics.parts)])
 
 
 METHODS = {
@@ -246,8 +316,9 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def check_pattern_fits(n_of_m: tuple[int, int] | None, blocksize: int | None = None):
-    """A validator: every target's input width must split into groups of M (and SparseGPT's blocksize too)."""
+def check_pattern_fits(n_of_m: tuple[int, int] | None, blocksize: int | None = None, transposable: bool = False):
+    """A validator: every target's input width (a convolution's input channels) must split into groups of M, its
+    outputs too if ``transposable``, and SparseGPT's blocksize too."""
 
     def validate(targets: list[LinearTarget]):
         if n_of_m is None:
@@ -256,25 +327,44 @@ def check_pattern_fits(n_of_m: tuple[int, int] | None, blocksize: int | None = N
         if blocksize is not None and blocksize % m:
             raise BadArgumentError(f"blocksize={blocksize} is not a multiple of the pattern's M={m}")
         for target in targets:
-            if target.in_features % m:
+            if target.group_width % m:
                 raise BadArgumentError(
-                    f"{target.name} has {target.in_features} inputs, not a multiple of M={m}: exclude it"
-                )
+                    f"{target.name} has {target.group_width} input channels, not a multiple of M={m}: exclude it"
+                    if target.conv else
+                    f"{target.name} has {target.in_features} inputs, not a multiple of M={m}: exclude it")
+            outputs = target.matrix().shape[0] // target.groups
+            if transposable and outputs % m:
+                raise BadArgumentError(f"{target.name} has {outputs} outputs (per group), not a multiple of M={m} "
+                                       "(transposable): exclude it")
 
     return validate
+
+
+def check_scope(criterion: str, scope: str) -> None:
+    """SparseGPT has no global threshold: refused with what to use instead."""
+    if scope not in ("local", "global"):
+        raise BadArgumentError(f"scope must be 'local' or 'global', not {scope!r}")
+    if scope == "global" and criterion == "sparsegpt":
+        raise BadArgumentError("scope='global' cannot go with criterion='sparsegpt', whose OBS update picks each "
+                               "layer's mask on that layer's own Hessian as it goes: use scope='local' (a sparsity "
+                               "per layer) or criterion='wanda' for one threshold over all layers")
 
 
 def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "wanda",
                         pattern: str = "unstructured", sparsity: float = 0.5, blocks=None,
                         include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-                        progress: bool = True, only: set[str] | None = None, **options) -> dict[str, torch.Tensor]:
-    """Prune ``model``'s Linear/Conv1D weights one block at a time, IN PLACE, and return
+                        progress: bool = True, only: set[str] | None = None, transposable: bool = False,
+                        scope: str = "local", **options) -> dict[str, torch.Tensor]:
+    """Prune ``model``'s Linear/Conv1D/Conv1d/Conv2d weights one block at a time, IN PLACE, and return
     ``{weight name: bool keep-mask}`` (mask in the weight's own layout).
 
     - ``calibration``: a list of example inputs, each a tensor, a tuple of inputs or a dict of keyword inputs.
     - ``criterion``: ``"wanda"`` (|W|·‖x‖, no update), ``"sparsegpt"`` (OBS with weight update; ``blocksize=128``,
       ``percdamp=0.01`` may be passed) or ``"magnitude"`` (no data used).
-    - ``pattern``: ``"unstructured"`` (with ``sparsity``) or ``"N:M"`` (N kept of every M consecutive inputs).
+    - ``pattern``: ``"unstructured"`` (with ``sparsity``) or ``"N:M"`` (N kept of every M consecutive inputs;
+      ``transposable=True``: also of every M consecutive outputs, in M x M blocks).
+    - ``scope="global"`` (unstructured; wanda or magnitude): one threshold over every target's scores, which are
+      then all taken on the dense model (Wanda's as :func:`~fxsparse.sparse.wanda.per_row_scores`).
     - ``blocks``: the repeated stack's name (``"model.layers"``) or a list of block names; found if None.
     - ``include``/``exclude``: globs over weight names (``"*.mlp.*"``); ``only``: an exact set of weight names.
     """
@@ -283,30 +373,61 @@ def sparsify_sequential(model: nn.Module, calibration: list, criterion: str = "w
     statistics_class, prune = METHODS[criterion]
     n_of_m = parse_pattern(pattern)
     sparsity = _check_sparsity(sparsity)
+    check_scope(criterion, scope)
+    if n_of_m is not None and scope == "global":
+        raise BadArgumentError("scope='global' applies to pattern='unstructured' only")
+    if transposable and n_of_m is None:
+        raise BadArgumentError("transposable=True applies to N:M patterns only")
     allowed = {"sparsegpt": {"blocksize", "percdamp"}}.get(criterion, set())
     if set(options) - allowed:
         raise BadArgumentError(f"criterion {criterion!r} takes no option {sorted(set(options) - allowed)}")
+    validate = check_pattern_fits(n_of_m, options.get("blocksize", 128) if criterion == "sparsegpt" else None,
+                                  transposable)
 
     def statistics(target: LinearTarget):
-        return statistics_class(target.in_features) if statistics_class else None
+        return new_statistics(statistics_class, target)
+
+    if scope == "global":
+        return _prune_globally(model, calibration, statistics, sparsity, blocks, include, exclude, only, progress)
 
     def prune_block(_name, targets, stats):
         masks = {}
         for target in targets:
-            weight, keep = prune(target.matrix(), stats[target.name], sparsity, n_of_m, **options)
+            weight, keep = prune_target(prune, target, stats[target.name], sparsity, n_of_m,
+                                        exact_count=criterion == "sparsegpt", transposable=transposable, **options)
             target.write(weight)
             masks[target.name] = target.layout(keep)
         return masks
 
     return calibrate_blocks(model, calibration, statistics, prune_block, blocks, include, exclude, only, progress,
-                            validate=check_pattern_fits(n_of_m, options.get("blocksize", 128) if criterion == "sparsegpt" else None))
+                            validate=validate)
+
+
+def _prune_globally(model, calibration, statistics, sparsity, blocks, include, exclude, only, progress):
+    """Global unstructured sparsity: every target's scores on the dense model (Wanda's per calibration row, or
+    ``|W|``), then one threshold over all of them."""
+    scored: dict[str, tuple[LinearTarget, torch.Tensor]] = {}
+
+    def score_block(_name, targets, stats):
+        for target in targets:
+            scored[target.name] = (target, target_scores(target, stats[target.name]))
+        return {}
+
+    calibrate_blocks(model, calibration, statistics, score_block, blocks, include, exclude, only, progress)
+    keep = Unstructured(sparsity, "global").keep_masks({name: scores for name, (_, scores) in scored.items()})
+    masks = {}
+    for name, (target, _) in scored.items():
+        target.write(target.matrix() * keep[name])
+        masks[name] = target.layout(keep[name])
+    return masks
 
 
 class CalibratedCriterion(WeightCriterion):
     """The engine behind the weight-criterion interface (``WEIGHT_CRITERIA``, ``Sparsify(criterion=...)``):
     ``compute_masks(module, targets, pattern, calibration)`` prunes ``targets`` (weight names or
     :class:`~fxsparse.sparse.targets.WeightTarget`) of ``module`` in place, sequentially, and returns their masks.
-    ``pattern`` is ``"unstructured"``/``"N:M"`` (with this criterion's ``sparsity``) or an ``NM``/``Unstructured``."""
+    ``pattern`` is ``"unstructured"``/``"N:M"`` (with this criterion's ``sparsity``) or an ``NM``/``Unstructured``
+    (transposable N:M and global unstructured included, where :meth:`check_pattern` allows)."""
 
     method: ClassVar[str] = ""
     needs_calibration = True
@@ -314,20 +435,36 @@ class CalibratedCriterion(WeightCriterion):
     def __init__(self, sparsity: float = 0.5, blocks=None, progress: bool = True, **options):
         self.sparsity, self.blocks, self.progress, self.options = _check_sparsity(sparsity), blocks, progress, options
 
+    def check_pattern(self, pattern) -> None:
+        check_scope(self.method, getattr(pattern, "scope", "local"))
+
+    def unsupported(self, module: nn.Module, targets: Iterable, pattern=None) -> dict[str, str]:
+        names = [getattr(target, "param", target) for target in targets]
+        if isinstance(module, fx.GraphModule) and self.blocks is None:
+            reasons = uncalibrated(module, names)
+            found = {t.name: t for t in graph_targets(module, only=set(names)).values()}
+        else:
+            modules = dict(module.named_modules())
+            found = {name: module_target(name, modules.get(name.rpartition(".")[0])) for name in names}
+            reasons = {name: why for name, why in found.items() if isinstance(why, str)}
+        if getattr(pattern, "transposable", False):
+            for name, target in found.items():
+                if isinstance(target, LinearTarget) and target.conv is not None and name not in reasons:
+                    outputs = target.parameter.shape[0] // target.groups
+                    if outputs % pattern.m:  # the "conv" layout's M x M blocks would span kernel positions/groups
+                        reasons[name] = (f"{outputs} output channels per group, not a multiple of M={pattern.m}: "
+                                         "its transposable blocks span kernel positions or groups")
+        return reasons
+
     def compute_masks(self, module: nn.Module, targets: Iterable, pattern, calibration: list | None = None
                       ) -> dict[str, torch.Tensor]:
-        if getattr(pattern, "transposable", False) or getattr(pattern, "scope", "local") != "local":
-            raise BadArgumentError(f"criterion {self.name!r} prunes each layer on its own inputs: it takes N:M "
-                                   "(not transposable) or local unstructured patterns")
-        if isinstance(pattern, str):
-            text, sparsity = pattern, self.sparsity
-        elif hasattr(pattern, "m"):
-            text, sparsity = f"{pattern.n}:{pattern.m}", pattern.sparsity
-        else:
-            text, sparsity = "unstructured", pattern.sparsity
+        self.check_pattern(pattern)
+        sparsity = self.sparsity if isinstance(pattern, str) else pattern.sparsity
         names = {getattr(target, "param", target) for target in targets}
-        return sparsify_sequential(module, calibration or [], self.method, text, sparsity, self.blocks,
-                                   progress=self.progress, only=names, **self.options)
+        return sparsify_sequential(module, calibration or [], self.method, pattern, sparsity, self.blocks,
+                                   progress=self.progress, only=names,
+                                   transposable=getattr(pattern, "transposable", False),
+                                   scope=getattr(pattern, "scope", "local"), **self.options)
 
 
 class WandaCriterion(CalibratedCriterion):

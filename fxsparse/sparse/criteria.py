@@ -13,6 +13,11 @@ then applied to. ``targets`` are :class:`~fxsparse.sparse.targets.WeightTarget` 
 to refuse a missing one before any work; ``updates_weights`` says the criterion changes kept weights (the pass then
 verifies against the updated weights, masked, instead of the weights before it). Most criteria only score entries; :func:`masks_from_scores` turns scores
 into masks of the pattern (per layer, or over all layers for global unstructured sparsity).
+
+Two optional methods: ``check_pattern(pattern)`` refuses a pattern the criterion cannot choose (a one-line
+``BadArgumentError``, raised when the pass is built), and ``unsupported(module, targets, pattern) -> {parameter:
+why}`` names the targets it cannot score (a 3-D convolution for the calibrated criteria); the pass gives those
+magnitude masks and says so in its report.
 """
 from __future__ import annotations
 
@@ -45,6 +50,13 @@ class WeightCriterion:
     def compute_masks(self, module: torch.nn.Module, targets: list[WeightTarget], pattern: Pattern,
                       calibration: list[Any] | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def check_pattern(self, pattern: Pattern) -> None:
+        """Raise a one-line BadArgumentError if this criterion cannot choose masks of ``pattern``."""
+
+    def unsupported(self, module: torch.nn.Module, targets: list[WeightTarget], pattern: Pattern) -> dict[str, str]:
+        """``{parameter: why}`` for the targets this criterion cannot score in ``module`` with ``pattern``."""
+        return {}
 
 
 class Magnitude(WeightCriterion):

@@ -85,13 +85,14 @@ class Compressor:
         return self.model
 
     def _statistics(self, target: LinearTarget):
-        needs_data = self.cfg.method == "hessian" or not self.cfg.uniform
+        needs_data = (self.cfg.method == "hessian" or not self.cfg.uniform) and target.conv is None
         return HessianStatistics(target.in_features) if needs_data else None
 
     def _block_pruner(self, ratio: float):
         prune = _METHODS[self.cfg.method]
 
         def prune_block(_name, targets, stats):
+            targets = [t for t in targets if t.conv is None]  # msModelSlim sparsifies Linear layers only
             ratios = {t.name: ratio for t in targets}
             if not self.cfg.uniform:
                 ratios = nonuniform_ratios(targets, stats, ratio)

@@ -8,6 +8,12 @@ the block the accumulated error updates every later column at once. The unstruct
 (adaptive mask selection, score ``w^2 / [H^-1]_jj^2``); N:M masks are chosen per group of M columns as the sweep
 reaches it. The reference implementation is github.com/IST-DASLab/sparsegpt (``sparsegpt.py: fasterprune``).
 
+A transposable N:M mask (N:M along the rows and the columns of every aligned M x M block) cannot be chosen group by
+group as the sweep goes, since a block spans M rows that the sweep updates together. It is chosen once, up front,
+from the same saliency ``w^2 / [H^-1]_jj^2`` on the weights before any update (the exhaustive block search of
+:mod:`fxsparse.sparse.patterns`), and the OBS sweep then runs with that fixed mask: the kept weights still absorb the
+pruned ones' error, which is where SparseGPT's advantage over a magnitude mask comes from.
+
 One deliberate difference: the reference prunes every score ``<=`` the threshold at index ``int(numel * sparsity)``
 of a block, which removes one weight too many (more on ties); here each block prunes exactly its share, so a layer
 ends with exactly ``round(numel * sparsity)`` zeros.
@@ -15,6 +21,8 @@ ends with exactly ``round(numel * sparsity)`` zeros.
 from __future__ import annotations
 
 import torch
+
+from .patterns import NM
 
 
 class HessianStatistics:
@@ -52,11 +60,12 @@ def _pruned_count_per_block(rows: int, columns: int, blocksize: int, sparsity: f
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, statistics: HessianStatistics, sparsity: float,
                     n_of_m: tuple[int, int] | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    percdamp: float = 0.01, transposable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune a ``(out_features, in_features)`` weight matrix with the OBS update of the kept weights.
 
     Returns ``(updated weight, keep-mask)``. ``n_of_m=(n, m)`` keeps n of every m consecutive inputs (``sparsity``
-    is then ignored; ``blocksize`` must be a multiple of m)."""
+    is then ignored; ``blocksize`` must be a multiple of m); ``transposable=True`` makes it n of m both ways, with
+    the mask fixed up front (see the module's docstring)."""
     dtype = weight.dtype
     work = weight.detach().to(torch.float64).clone()
     hessian = statistics.hessian().to(work.device)
@@ -67,6 +76,10 @@ def sparsegpt_prune(weight: torch.Tensor, statistics: HessianStatistics, sparsit
     rows, columns = work.shape
     pruned = torch.zeros_like(work, dtype=torch.bool)
     counts = _pruned_count_per_block(rows, columns, blocksize, sparsity)
+    fixed = None
+    if n_of_m is not None and transposable:
+        saliency = work.square() / hinv.diagonal().reshape(1, -1).square()
+        fixed = ~NM(*n_of_m, transposable=True).keep_mask(saliency, "linear")
 
     for block, start in enumerate(range(0, columns, blocksize)):
         end = min(start + blocksize, columns)
@@ -74,12 +87,14 @@ def sparsegpt_prune(weight: torch.Tensor, statistics: HessianStatistics, sparsit
         block_hinv = hinv[start:end, start:end]
         block_errors = torch.zeros_like(block_weight)
         block_pruned = torch.zeros(block_weight.shape, dtype=torch.bool, device=work.device)
-        if n_of_m is None and counts[block]:
+        if fixed is not None:
+            block_pruned = fixed[:, start:end].clone()
+        elif n_of_m is None and counts[block]:
             scores = block_weight.square() / block_hinv.diagonal().reshape(1, -1).square()
             lowest = torch.topk(scores.flatten(), counts[block], largest=False).indices
             block_pruned.view(-1)[lowest] = True
         for column in range(end - start):
-            if n_of_m is not None and column % n_of_m[1] == 0:
+            if fixed is None and n_of_m is not None and column % n_of_m[1] == 0:
                 n, m = n_of_m
                 group = slice(column, column + m)
                 scores = block_weight[:, group].square() / block_hinv.diagonal()[group].reshape(1, -1).square()

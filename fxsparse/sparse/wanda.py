@@ -4,10 +4,17 @@ A weight's score is ``|W_ij| * ||X_j||_2``: its magnitude times the L2 norm of t
 taken over every calibration token. Weights compete only within their output row (unstructured) or within their
 group of M consecutive inputs of a row (N:M), and the kept weights are not updated. The reference implementation
 is github.com/locuslab/wanda (``lib/prune.py: prune_wanda``, ``lib/layerwrapper.py``).
+
+Beyond the reference: a transposable N:M mask is the exhaustive M x M block search of
+:mod:`fxsparse.sparse.patterns` run on the Wanda scores instead of ``|W|``; and a single threshold over all layers
+(global unstructured sparsity) compares :func:`per_row_scores`. The reference only compares weights within an
+output row or within a layer (``image_classifiers/prune_utils.py: compute_mask``, granularity "row" or "layer").
 """
 from __future__ import annotations
 
 import torch
+
+from .patterns import NM
 
 
 class WandaStatistics:
@@ -30,6 +37,14 @@ def wanda_scores(weight: torch.Tensor, statistics: WandaStatistics) -> torch.Ten
     return weight.detach().abs().float() * column_norms.reshape(1, -1)
 
 
+def per_row_scores(weight: torch.Tensor, statistics: WandaStatistics) -> torch.Tensor:
+    """``|W_ij| * RMS(X_j)``: the root-mean-square change of output i per calibration row (token, or output
+    position of a convolution) if ``W_ij`` is removed. Unlike ``||X_j||``, which grows with the number of rows a
+    layer sees (a convolution early in a network sees many more output positions than one late in it), this is
+    the same quantity in every layer, so one threshold over all layers compares like with like."""
+    return wanda_scores(weight, statistics) / max(statistics.tokens, 1) ** 0.5
+
+
 def keep_lowest_pruned_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """A keep-mask that prunes the ``floor(in_features * sparsity)`` lowest scores of every output row
     (ties broken by position, as the reference's stable sort does)."""
@@ -50,11 +65,18 @@ def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def wanda_prune(weight: torch.Tensor, statistics: WandaStatistics, sparsity: float,
-                n_of_m: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                n_of_m: tuple[int, int] | None = None, transposable: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune a ``(out_features, in_features)`` weight matrix; returns ``(pruned weight, keep-mask)``.
 
-    ``n_of_m=(n, m)`` keeps n of every m consecutive inputs (``sparsity`` is then ignored); otherwise every row
-    loses ``floor(in_features * sparsity)`` weights."""
+    ``n_of_m=(n, m)`` keeps n of every m consecutive inputs (``sparsity`` is then ignored), and with
+    ``transposable=True`` also n of every m consecutive rows of a column, in aligned m x m blocks; otherwise every
+    row loses ``floor(in_features * sparsity)`` weights."""
     scores = wanda_scores(weight, statistics)
-    keep = keep_n_of_m(scores, *n_of_m) if n_of_m else keep_lowest_pruned_per_row(scores, sparsity)
+    if n_of_m and transposable:
+        keep = NM(*n_of_m, transposable=True).keep_mask(scores, "linear")
+    elif n_of_m:
+        keep = keep_n_of_m(scores, *n_of_m)
+    else:
+        keep = keep_lowest_pruned_per_row(scores, sparsity)
     return weight * keep, keep
