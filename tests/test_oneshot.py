@@ -5,6 +5,7 @@ import gc
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_hf_model, token_inputs
 from fxsparse.errors import BadArgumentError
@@ -331,6 +332,14 @@ def test_msmodelslim_hessian_and_progressive_reach_the_ratio(config):
     model = TwoLayerNet(100, 16, 8)
     Compressor(model, SparseConfig(sparse_ratio=0.5, **config)).compress(dataset=[torch.randn(64, 100)])
     assert (model.linear1.weight == 0).sum() == 800 and (model.linear2.weight == 0).sum() == 64
+
+
+def test_msmodelslim_refuses_a_model_without_linear_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(BadArgumentError, match="Linear layers"):
+        Compressor(model, SparseConfig(sparse_ratio=0.5)).compress(dataset=[torch.randn(2, 3, 16, 16)])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_msmodelslim_hessian_is_sparsegpt():

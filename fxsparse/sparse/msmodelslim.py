@@ -81,7 +81,7 @@ class Compressor:
         for step in range(1, steps + 1):
             ratio = self.cfg.sparse_ratio * step / steps
             self.masks = calibrate_blocks(self.model, list(dataset), self._statistics, self._block_pruner(ratio),
-                                          progress=progress)
+                                          progress=progress, validate=_some_linear)
         return self.model
 
     def _statistics(self, target: LinearTarget):
@@ -126,3 +126,10 @@ def nonuniform_ratios(targets: list[LinearTarget], stats: dict, ratio: float) ->
     offsets -= (offsets * sizes).sum() / sizes.sum()
     ratios = (ratio + offsets).clamp(0.0, 0.99)
     return {t.name: float(r) for t, r in zip(targets, ratios)}
+
+
+def _some_linear(targets: list[LinearTarget]) -> None:
+    """msModelSlim's sparse tool sparsifies Linear layers only: a model with none is an error, not a no-op."""
+    if all(t.conv is not None for t in targets):
+        raise BadArgumentError("Compressor sparsifies Linear layers, as msModelSlim's sparse tool does, and the model "
+                               "has only convolutions; sparsify those with passes.Sparsify(criterion=...)")
