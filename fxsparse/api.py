@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import gc
 import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -86,6 +88,29 @@ def _verifier(tolerance: float | str | None):
     return verify
 
 
+def _collector_paused(function: Callable) -> Callable:
+    """Run ``function`` with Python's cyclic garbage collector paused, and collect the young generation once after.
+
+    A compile makes tens of thousands of short-lived objects (graph nodes, module copies); the automatic collections
+    they trigger now and then scan every object the process holds, torch's own included, which cost up to a third
+    of a ResNet-50 compile. Everything made while paused stays in the young generation, so one collection of it at
+    the end frees the compile's cyclic garbage (discarded graph modules and their tensors) in a few milliseconds.
+    """
+    @functools.wraps(function)
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        if not gc.isenabled():
+            return function(*args, **kwargs)
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            gc.enable()
+            gc.collect(0)
+
+    return paused
+
+
+@_collector_paused
 def compile(  # noqa: A001 - the name users expect, as in torch.compile
     model: torch.nn.Module,
     example_inputs: Any = None,

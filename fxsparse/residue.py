@@ -188,6 +188,8 @@ def _measure(gm, node, c: Consumer, keep, call_args, call_kwargs, output, node_l
     x = call_args[c.input_index]
     removed_index = torch.nonzero(~keep[c.labels]).flatten()
     removed_inputs = x.index_select(c.dim, removed_index)
+    if not removed_inputs.any():  # the common case (zero biases, a ReLU of a negative shift): nothing to keep
+        return None, None
     const, in_spread = _spread(removed_inputs, c.dim)
     uniform_inputs = in_spread.max().item() <= 1e-6 * max(_max_abs(removed_inputs), 1e-6)
     scale = _max_abs(output) if isinstance(output, torch.Tensor) else 1.0
