@@ -83,7 +83,8 @@ def _build_pass(cls: type[Pass], index: int) -> Pass:
 
 def _verifier(tolerance: float | str | None):
     def verify(ctx: CompileContext, p: Pass) -> dict[str, Any]:
-        return verify_equivalent(ctx.reference, ctx.module, ctx.args, ctx.kwargs, tolerance=tolerance, what=p.name)
+        return verify_equivalent(ctx.reference, ctx.module, ctx.args, ctx.kwargs, tolerance=tolerance, what=p.name,
+                                 known=ctx.reference_outputs)
 
     return verify
 

@@ -26,3 +26,6 @@ class CompileContext:
     # The module as it was before the rewrite in progress: the reference a verification step compares against.
     reference: fx.GraphModule | None = None
     verify: bool = True
+    # The reference's outputs on verification's trial inputs (fxsparse.verify.trial_inputs), by trial index, where
+    # a rewriting pass ran the reference on them anyway (Shrink measures residues so): verification reuses them.
+    reference_outputs: dict[int, Any] = field(default_factory=dict)

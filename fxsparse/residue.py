@@ -97,8 +97,10 @@ def _spread(t: torch.Tensor, keep_dim: int) -> tuple[torch.Tensor, torch.Tensor]
 def settle_residues(
     gm: fx.GraphModule, analysis: ChannelAnalysis, consumers: list[Consumer], removed: torch.Tensor,
     args: tuple, kwargs: dict, node_labels: dict[str, Any], max_rounds: int = 4,
+    outputs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Fold], list[str]]:
-    """Final (removed units, keep per label, folds, notes on channels kept back)."""
+    """Final (removed units, keep per label, folds, notes on channels kept back). The residues are measured on
+    ``args``/``kwargs``; ``gm``'s output on them is put in ``outputs["output"]`` when given (and it ran)."""
     notes: list[str] = []
     nodes = {n.name: n for n in gm.graph.nodes}
     for _ in range(max_rounds):
@@ -108,7 +110,9 @@ def settle_residues(
             return removed, keep, [], notes
         capture = _Capture(gm, {c.node for c in active})
         with torch.no_grad():
-            capture.run(*placeholder_values(gm, args, kwargs))
+            output = capture.run(*placeholder_values(gm, args, kwargs))
+        if outputs is not None:
+            outputs["output"] = output
         folds, blocked = {}, []
         for c in active:
             node = nodes[c.node]

@@ -52,6 +52,12 @@ def compare_outputs(reference: Any, candidate: Any) -> dict[str, float]:
     return {"max_abs": max_abs, "max_rel": max_rel}
 
 
+def trial_inputs(args: tuple, kwargs: dict, trials: int = 2, seed: int = 0) -> list[tuple[tuple, dict]]:
+    """The random inputs, shaped like the example inputs, that verification compares on (the same for a seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [inputs_like(args, kwargs, generator) for _ in range(trials)]
+
+
 def verify_equivalent(
     reference: torch.nn.Module,
     candidate: torch.nn.Module,
@@ -61,15 +67,16 @@ def verify_equivalent(
     tolerance: float | str | None = "auto",
     what: str = "rewrite",
     seed: int = 0,
+    known: dict[int, Any] | None = None,
 ) -> dict[str, float]:
-    """Compare on ``trials`` random inputs shaped like the example inputs; raise if the relative error exceeds
-    ``tolerance`` (None: only measure; "auto": see :func:`tolerance_for`)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Compare on ``trials`` random inputs shaped like the example inputs (:func:`trial_inputs`); raise if the
+    relative error exceeds ``tolerance`` (None: only measure; "auto": see :func:`tolerance_for`). ``known``: the
+    reference's outputs on some of those inputs, by trial index, computed already by a pass that had to run it."""
     worst = {"max_abs": 0.0, "max_rel": 0.0, "trials": trials}
+    known = known or {}
     with torch.no_grad():
-        for _ in range(trials):
-            trial_args, trial_kwargs = inputs_like(args, kwargs, generator)
-            expected = reference(*trial_args, **trial_kwargs)
+        for trial, (trial_args, trial_kwargs) in enumerate(trial_inputs(args, kwargs, trials, seed)):
+            expected = known[trial] if trial in known else reference(*trial_args, **trial_kwargs)
             result = compare_outputs(expected, candidate(*trial_args, **trial_kwargs))
             tolerance = tolerance_for(expected, tolerance)
             worst["max_abs"] = max(worst["max_abs"], result["max_abs"])

@@ -22,6 +22,7 @@ from fxsparse.modules import PaddedConstantCorrection
 from fxsparse.pass_manager import Pass
 from fxsparse.residue import Fold, settle_residues
 from fxsparse.rewrite import reindex
+from fxsparse.verify import trial_inputs
 
 
 def layer_owner(node: fx.Node) -> str:
@@ -124,8 +125,13 @@ class Shrink(Pass):
         masked = ctx.module
         analysis = facts.analysis
         removed, empty_notes = analysis.keep_nonempty(removal.units)
+        # residues are measured on verification's first trial input, so that its reference output is one run less
+        trial_args, trial_kwargs = trial_inputs(ctx.args, ctx.kwargs, trials=1)[0]
+        measured: dict[str, Any] = {}
         removed, keep, folds, notes = settle_residues(
-            masked, analysis, facts.graph.consumers, removed, ctx.args, ctx.kwargs, facts.node_labels)
+            masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels, outputs=measured)
+        if "output" in measured:
+            ctx.reference_outputs[0] = measured["output"]
         notes = empty_notes + notes
         fold_rows, fold_records = [], []
 
