@@ -199,6 +199,35 @@ def test_rewriting_pass_is_verified():
     assert any(n.target is torch.relu for n in result.module.graph.nodes)
 
 
+def test_shrink_hands_verification_the_reference_output_it_computed(monkeypatch):
+    """Shrink runs the masked model to measure residues; on verification's first trial input, so that the
+    verification reuses that output instead of running the reference again. The output handed over must be the
+    reference's own on that input."""
+    import fxsparse.api as api
+    from fxsparse.passes import Prune, Shrink
+    from fxsparse.verify import trial_inputs
+
+    seen = []
+    real = api.verify_equivalent
+
+    def spy(reference, candidate, args, kwargs, **options):
+        seen.append((reference, args, kwargs, dict(options.get("known") or {})))
+        return real(reference, candidate, args, kwargs, **options)
+
+    monkeypatch.setattr(api, "verify_equivalent", spy)
+    model, x = build("resnet")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # removed channels carry constants: residues are measured
+                module.bias.uniform_(0.5, 1.0)
+    fxsparse.compile(model, x, [Prune(ratio=0.5), Shrink()])
+    reference, args, kwargs, known = seen[-1]
+    assert list(known) == [0]
+    first_args, first_kwargs = trial_inputs(args, kwargs)[0]
+    with torch.no_grad():
+        assert torch.equal(known[0], reference(*first_args, **first_kwargs))
+
+
 def test_analyses_are_not_verified():
     result = compile_resnet([NeedsShapes()])
     assert all(r.verification is None for r in result.report.records)
