@@ -157,8 +157,8 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
     ctx.plan.inputs = describe_inputs(args, kwargs)
     if traced.shapes:
         ctx.facts["traced_shapes"] = traced.shapes
-    before = Costs(traced.module, args, kwargs, macs=traced.macs if traced.macs is not None else
-                   count_macs(traced.module, args, kwargs))  # before any pass changes it
+    macs = traced.macs if traced.macs is not None else count_macs(traced.module, args, kwargs)
+    before = Costs(traced.module, args, kwargs, macs=macs)  # counted now, before any pass changes the module
     lowering, notes = _lowering(traced, lower_modules, inplace)
     manager = PassManager(lowering + pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))

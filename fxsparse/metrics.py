@@ -69,6 +69,9 @@ def shape_and_count_macs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
     return (counter.get_total_flops() + unseen_flops) // 2
 
 
+LATER = object()  # Costs' MACs not counted yet
+
+
 class Costs(Mapping):
     """A module's ``parameters``, ``bytes`` and ``macs``, read like a dict.
 
@@ -77,13 +80,11 @@ class Costs(Mapping):
     compile's result is often used without its report being read. The module must then keep its architecture.
     """
 
-    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict, macs: int | None = None):
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict, macs: Any = LATER):
         self._values: dict[str, Any] = {"parameters": count_parameters(module), "bytes": model_bytes(module)}
-        if macs is not None:
-            self._values["macs"] = macs
-            self._pending = None
-        else:
-            self._pending = (module, args, kwargs)
+        self._pending = (module, args, kwargs) if macs is LATER else None
+        if macs is not LATER:
+            self._values["macs"] = macs  # None where torch cannot count this model
 
     def __getitem__(self, key: str) -> Any:
         if key == "macs" and self._pending is not None:
