@@ -175,3 +175,18 @@ def test_pickling_instead_of_exporting_is_logged_with_the_reason(tmp_path, caplo
     assert fmt == "pickle"
     assert any("is pickled, not a torch.export program (torch.export failed:" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_kernel_that_still_refuses_leaves_the_layer_dense(cutlass_on_cpu, monkeypatch, one_thread):
+    """Where the rules pass but torch's kernel raises anyway (here: the rules are told "supported" on CPU, and
+    torch has no CPU kernel), the layer stays dense and the row names the error: no crash, nothing replaced."""
+    import fxsparse.passes.sparse_kernels as pass_module
+
+    monkeypatch.setattr(pass_module, "semi_structured_unsupported", lambda weight, x: "")
+    model = mlp()
+    x = torch.randn(4, 64)
+    result = fxsparse.compile(model, x, passes=[Sparsify(pattern="2:4"), SparseKernels(timer=timer_preferring_2_4)])
+    for row in result.report.pass_record("SparseKernels").rows:
+        assert "2:4 failed (NotImplementedError: Could not run 'aten::_sparse_semi_structured_addmm'" in row["tried"]
+        assert row["choice"] == "dense"
+    assert not any(isinstance(m, SemiStructuredLinear) for m in result.module.modules())
