@@ -8,6 +8,12 @@ tensors, nor build them inside a traced forward, but it does take a custom op wi
 a rewritten model exports, saves and loads as a ``.pt2`` program like any compiled model (loading needs the op
 registered: ``import fxsparse``, which ``fxsparse.load`` does), shape inference and FLOP counting see through it,
 and the compressed size is what the model really holds.
+
+On CUDA (sm80+), 2:4 semi-structured weights are held the way torch's documentation shows instead: a
+``SparseSemiStructuredTensor`` parameter that ``F.linear`` dispatches to cuSPARSELt or CUTLASS
+(:class:`SemiStructuredLinear`); :func:`semi_structured_unsupported` says where torch cannot run one. Such a
+module is saved as a torch.export program only if torch.export takes the tensor subclass; otherwise ``save``
+pickles it and logs why.
 """
 from __future__ import annotations
 
@@ -189,11 +195,13 @@ def median_seconds(layer: str, fmt: str, fn: Callable[[], object], limit: float 
     One call first, timed on its own: if it takes longer than ``limit`` (a candidate already far slower than the
     layer it would replace), that time is returned, so a hopeless format costs one call. Otherwise torch's
     ``Timer.adaptive_autorange`` (which warms up while it sizes its blocks) repeats blocks of calls until their
-    spread is under 10% of the median, or for at most ``max_seconds``. (``layer`` and ``fmt`` are unused here;
-    injected timers use them.)
+    spread is under 10% of the median, or for at most ``max_seconds``; on CUDA both synchronise before reading the
+    clock. (``layer`` and ``fmt`` are unused here; injected timers use them.)
     """
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # CUDA kernels run asynchronously
+        torch.cuda.synchronize()
     first = time.perf_counter() - start
     if limit is not None and first > limit:
         return first
@@ -201,3 +209,140 @@ def median_seconds(layer: str, fmt: str, fn: Callable[[], object], limit: float 
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.adaptive_autorange(threshold=0.1, min_run_time=0.02, max_run_time=max_seconds).median
+
+
+# -- 2:4 semi-structured (CUDA) -------------------------------------------------------------------------------------
+SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with sparse tensor cores
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _semi_structured_class(cusparselt: bool):
+    """torch's tensor subclass for the backend it would use: cuSPARSELt where torch was built with it, else
+    CUTLASS (``to_sparse_semi_structured`` itself only picks CUTLASS when forced to)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    return SparseSemiStructuredTensorCUSPARSELT if cusparselt else SparseSemiStructuredTensorCUTLASS
+
+
+def _cusparselt_available() -> bool:
+    backend = getattr(torch.backends, "cusparselt", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def semi_structured_unsupported(weight: torch.Tensor, x: torch.Tensor, *, device_type: str | None = None,
+                                capability: tuple[int, int] | None = None, cusparselt: bool | None = None,
+                                has_api: bool | None = None) -> str:
+    """Why torch cannot run ``F.linear(x, weight)`` with ``weight`` (2-D, or a 1x1 conv's 4-D) as a 2:4
+    semi-structured sparse tensor here; "" when it can.
+
+    The rules are torch's own (``torch/sparse/semi_structured.py`` and its CUDA kernels): CUDA only; compute
+    capability sm80 or newer, and exactly sm8x for the CUTLASS kernels (used when torch lacks cuSPARSELt);
+    float16/bfloat16 (and float32 on CUTLASS, which multiplies in TF32: the numeric check against dense decides);
+    the input in the weight's dtype; both weight dimensions positive multiples of the backend's smallest tile for
+    that dtype; at most 2 nonzeros in every group of 4 consecutive input features. The device facts are parameters,
+    read from torch when not given (``device_type`` from the weight, ``capability`` from ``torch.cuda``,
+    ``cusparselt`` from ``torch.backends.cusparselt``), so the rules can be checked without a GPU.
+    """
+    if has_api is None:
+        has_api = hasattr(torch.sparse, "to_sparse_semi_structured")
+    if not has_api:
+        return f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured"
+    device_type = device_type or weight.device.type
+    if device_type != "cuda":
+        return f"no {device_type.upper()} kernel in torch (2:4 semi-structured runs on CUDA only)"
+    if capability is None:
+        capability = torch.cuda.get_device_capability(weight.device)
+    sm = f"sm{capability[0]}{capability[1]}"
+    if tuple(capability) < SEMI_STRUCTURED_MIN_CAPABILITY:
+        return f"compute capability {sm}: torch's 2:4 kernels need sm80 (Ampere) or newer"
+    if cusparselt is None:
+        cusparselt = _cusparselt_available()
+    if not cusparselt and capability[0] != 8:
+        return f"torch here has no cuSPARSELt, and its CUTLASS 2:4 kernels run on sm8x only, not {sm}"
+    backend = _semi_structured_class(cusparselt)
+    floats = [d for d in backend._DTYPE_SHAPE_CONSTRAINTS if d in _HALF + (torch.float32,)]
+    if weight.dtype not in floats:
+        names = "/".join(str(d).removeprefix("torch.") for d in floats)
+        return f"dtype {str(weight.dtype).removeprefix('torch.')} not supported by the {backend.BACKEND} backend " \
+               f"(it takes {names})"
+    if x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the weight's {weight.dtype}: the kernel takes one dtype"
+    rows, cols = weight.shape[0], weight.shape[1]
+    tile = backend._DTYPE_SHAPE_CONSTRAINTS[weight.dtype]
+    if rows % tile.sparse_min_rows or cols % tile.sparse_min_cols:
+        return f"weight {rows}x{cols} is not a multiple of {tile.sparse_min_rows}x{tile.sparse_min_cols}, the " \
+               f"{backend.BACKEND} backend's smallest {str(weight.dtype).removeprefix('torch.')} tile"
+    groups = (weight.detach().reshape(rows, cols // 4, 4) != 0).sum(dim=-1)
+    over = int((groups > 2).sum())
+    if over:
+        return f"weight is not 2:4 along its input dimension ({over} of {groups.numel()} groups of 4 hold more " \
+               f"than 2 nonzeros)"
+    return ""
+
+
+def compress_semi_structured(dense: torch.Tensor, cusparselt: bool) -> torch.Tensor:
+    """``dense`` (2-D, contiguous, CUDA) as torch's 2:4 tensor subclass for the chosen backend."""
+    with warnings.catch_warnings():  # "The PyTorch API of SparseSemiStructuredTensor is in prototype stage"
+        warnings.filterwarnings("ignore", message="The PyTorch API of SparseSemiStructuredTensor")
+        if cusparselt:
+            return torch.sparse.to_sparse_semi_structured(dense)
+        return _semi_structured_class(False).from_dense(dense)
+
+
+class SemiStructuredLinear(nn.Module):
+    """``F.linear(x, weight, bias)`` with ``weight`` a 2:4 semi-structured sparse tensor (CUDA, sm80+), as torch's
+    documentation shows: the weight is a ``SparseSemiStructuredTensor`` parameter and ``F.linear`` dispatches to
+    cuSPARSELt or CUTLASS. Build it only where :func:`semi_structured_unsupported` returns "".
+    """
+
+    format = "semi_structured"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cusparselt: bool | None = None):
+        super().__init__()
+        cusparselt = _cusparselt_available() if cusparselt is None else cusparselt
+        dense = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
+        sparse = compress_semi_structured(dense, cusparselt)
+        self.backend = sparse.BACKEND
+        self.size = [int(dense.shape[0]), int(dense.shape[1])]
+        self.weight = nn.Parameter(sparse, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernels multiply 2-D matrices (torch's linear for this tensor views the input as one), so the input is
+        # reshaped here, which also copies an input that is not contiguous. Inputs whose row count is not a multiple
+        # of the kernel's tile are padded by torch.
+        rows = x.reshape(-1, self.size[1])
+        return F.linear(rows, self.weight, self.bias).reshape(x.shape[:-1] + (self.size[0],))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.size[0]}, in_features={self.size[1]}, format=2:4, backend={self.backend}"
+
+
+class SemiStructuredConv1x1(SemiStructuredLinear):
+    """A 1x1 ``nn.Conv2d`` (no padding, no groups, any stride) as a 2:4 semi-structured linear map over channels."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
+                 cusparselt: bool | None = None):
+        super().__init__(weight, bias, cusparselt)
+        self.stride = tuple(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+
+    def dense_weight(self) -> torch.Tensor:
+        return super().dense_weight()[:, :, None, None]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}"
+
+
+def semi_structured_module(kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                           stride=(1, 1)) -> SemiStructuredLinear:
+    if kind == "conv1x1":
+        return SemiStructuredConv1x1(weight, bias, stride)
+    return SemiStructuredLinear(weight, bias)

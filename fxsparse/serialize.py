@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from .errors import FxsparseError
+
+log = logging.getLogger("fxsparse")
 
 PLAN_FILE = "fxsparse_plan.json"
 REPORT_FILE = "fxsparse_report.json"
@@ -18,12 +21,16 @@ def save_module(module: torch.nn.Module, path: str | Path, args: tuple, kwargs: 
     """Write ``module`` to ``path``; returns the format used: "export" (a .pt2 program) or "pickle" (needs code).
 
     torch.export is preferred: the file holds the graph and weights and loads with no model code. A module that
-    torch.export cannot take is pickled whole instead, and then its classes must be importable when loading.
+    torch.export cannot take is pickled whole instead, and then its classes must be importable when loading: a
+    warning says so, with torch.export's reason (also kept in the file as ``export_error``).
     """
     path = Path(path)
     try:
         program = torch.export.export(module, args, kwargs=kwargs, strict=False)
     except Exception as error:  # noqa: BLE001 - fall back to pickling, and say so
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        log.warning("fxsparse: %s is pickled, not a torch.export program (torch.export failed: %s); loading it "
+                    "needs the model's code", path, reason)
         torch.save({"module": module, "extra": extra, "export_error": str(error)[:500]}, path)
         return "pickle"
     torch.export.save(program, path, extra_files=extra)

@@ -2,11 +2,13 @@
 
 For every Linear and 1x1 Conv2d whose weight holds zeros (however they got there), the layer is timed on this
 machine at the example input's shape, dense against each sparse format that fits (CSR, COO, BSR at the block
-sizes that divide the weight; 2:4 semi-structured has no CPU kernel in torch), with the threads torch runs on.
-The layer is replaced by a :class:`fxsparse.kernels.SparseLinear` (or ``SparseConv1x1``) only where the fastest
-format is at least ``min_speedup`` times faster than dense; the rewritten layer's output is first checked against
-the dense one (relative difference at most 1e-5), and the pass manager then verifies the whole model. The report
-lists every layer: its sparsity, every format tried with its time (or why it was not), the choice and why.
+sizes that divide the weight; on CUDA, 2:4 semi-structured where the GPU, dtype, shape and pattern fit torch's
+rules), with the threads torch runs on. The layer is replaced by a :class:`fxsparse.kernels.SparseLinear` (or
+``SparseConv1x1``, ``SemiStructuredLinear``, ``SemiStructuredConv1x1``) only where the fastest format is at least
+``min_speedup`` times faster than dense; the rewritten layer's output is first checked against the dense one
+(relative difference at most 1e-5 for float32/float64 weights, the compile's float16/bfloat16 tolerance for those),
+and the pass manager then verifies the whole model. float16/bfloat16 layers are only timed in 2:4 on CUDA. The
+report lists every layer: its sparsity, every format tried with its time (or why it was not), the choice and why.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from tqdm import tqdm
 from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError
 from fxsparse.graph_utils import get_attr_value, tensor_value
-from fxsparse.kernels import LAYOUTS, SparseFormat, Timer, dense_call, median_seconds, sparse_module
+from fxsparse.kernels import (LAYOUTS, SparseFormat, Timer, dense_call, median_seconds, semi_structured_module,
+                              semi_structured_unsupported, sparse_module)
 from fxsparse.masks import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
-from fxsparse.verify import compare_outputs
+from fxsparse.verify import compare_outputs, tolerance_for
 
-FORMATS = LAYOUTS + ("semi_structured",)
+SEMI_STRUCTURED = "semi_structured"
+FORMATS = LAYOUTS + (SEMI_STRUCTURED,)
+HALF = (torch.float16, torch.bfloat16)
 EXACT = 1e-5  # a rewritten layer's largest relative difference from the dense one
 GIVE_UP = 2.0  # a candidate whose first (warm) call is this many times dense's median is not timed further
 _ATEN_LINEAR = torch.ops.aten.linear.default
@@ -115,11 +120,11 @@ class SparseKernels(Pass):
 
     ``min_speedup``: replace a layer only if its fastest sparse format is at least this many times faster than
     dense. ``min_sparsity``: layers with a smaller fraction of zeros are not timed. ``formats``: among "csr",
-    "coo", "bsr" (one candidate per size in ``block_sizes`` that divides the weight) and "semi_structured" (2:4;
-    torch has no CPU kernel for it, which the report says). ``ignore``: layer names (module paths, or prefixes of
-    them) left alone. ``max_seconds``: the longest one format is timed on one layer. ``timer``: a function
-    ``(layer, format, fn, limit) -> seconds`` to measure with instead of :func:`fxsparse.kernels.median_seconds`
-    (tests inject one, so that decisions do not depend on a busy machine).
+    "coo", "bsr" (one candidate per size in ``block_sizes`` that divides the weight) and "semi_structured" (2:4 on
+    CUDA sm80+, float16/bfloat16; where torch cannot run it, e.g. on CPU, the report says why). ``ignore``: layer
+    names (module paths, or prefixes of them) left alone. ``max_seconds``: the longest one format is timed on one
+    layer. ``timer``: a function ``(layer, format, fn, limit) -> seconds`` to measure with instead of
+    :func:`fxsparse.kernels.median_seconds` (tests inject one, so that decisions do not depend on a busy machine).
     """
 
     name = "SparseKernels"
@@ -210,8 +215,11 @@ class SparseKernels(Pass):
     def _why_not(self, layer: Layer, sparsity: float, x_value: torch.Tensor | None) -> str:
         if any(layer.name == p or layer.name.startswith(p + ".") for p in self.ignore):
             return "ignored (ignore=...)"
-        if layer.weight.dtype not in (torch.float32, torch.float64):
-            return f"weight dtype {layer.weight.dtype}: torch's sparse kernels here take float32/float64"
+        dtype = layer.weight.dtype
+        half_on_cuda = dtype in HALF and layer.weight.is_cuda and SEMI_STRUCTURED in self.formats
+        if dtype not in (torch.float32, torch.float64) and not half_on_cuda:
+            return (f"weight dtype {dtype}: torch's sparse kernels here take float32/float64 "
+                    f"(float16/bfloat16 only as 2:4 semi-structured on CUDA)")
         if x_value is None:
             return "its input's shape is unknown"
         if sparsity < self.min_sparsity:
@@ -228,8 +236,11 @@ class SparseKernels(Pass):
         weight = layer.matrix.detach()
         tried, timings, modules = [], {}, {}
         for fmt in self.formats:
-            if fmt == "semi_structured":
-                tried.append(_semi_structured_note(weight))
+            if fmt == SEMI_STRUCTURED:
+                self._semi_structured(layer, x, expected, tried, timings, modules, dense_seconds)
+                continue
+            if weight.dtype in HALF:  # CSR/COO/BSR are not checked at half precision here: not tried
+                tried.append(f"{fmt}: not tried for {weight.dtype} (float32/float64 only)")
                 continue
             blocks = [(b, b) for b in self.block_sizes] if fmt == "bsr" else [None]
             fitting = [SparseFormat(fmt, block) for block in blocks if SparseFormat(fmt, block).fits(weight.shape)]
@@ -250,6 +261,34 @@ class SparseKernels(Pass):
                 tried.append(f"{candidate.name} {seconds * 1e3:.4g} ms")
         return tried, timings, modules
 
+    def _semi_structured(self, layer: Layer, x: torch.Tensor, expected: torch.Tensor, tried: list[str],
+                         timings: dict[str, float], modules: dict[str, nn.Module], dense_seconds: float) -> None:
+        """2:4 semi-structured, where torch can run it: built, checked against dense, timed (appends to the three
+        collections it is given)."""
+        reason = semi_structured_unsupported(layer.matrix, x)
+        if reason:
+            tried.append(f"2:4: {reason}")
+            return
+        try:  # the rules above are torch's documented ones; a kernel that still refuses leaves the layer dense
+            module = semi_structured_module(layer.kind, layer.weight.detach(), _detached(layer.bias), layer.stride)
+            error = compare_outputs(expected, module(x))["max_rel"]
+        except (RuntimeError, NotImplementedError, ValueError) as failure:
+            tried.append(f"2:4 failed ({type(failure).__name__}: {str(failure).splitlines()[0][:120]})")
+            return
+        tolerance = _tolerance(layer.weight.dtype, expected)
+        if error > tolerance:
+            tried.append(f"2:4 rejected (differs from dense by {error:.1e} relative, over {tolerance:.1e})")
+            return
+        seconds = self._time(layer.name, SEMI_STRUCTURED, lambda: module(x), dense_seconds * GIVE_UP)
+        timings[SEMI_STRUCTURED], modules[SEMI_STRUCTURED] = seconds, module
+        tried.append(f"2:4 ({module.backend}) {seconds * 1e3:.4g} ms")
+
+
+def _tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
+    """How far a rewritten layer may differ from dense: EXACT at float32/float64, and at float16/bfloat16 what the
+    compile's verification allows for outputs of that dtype (a few machine epsilons: both round differently)."""
+    return EXACT if dtype in (torch.float32, torch.float64) else tolerance_for(expected, "auto")
+
 
 def _tokens(layer: Layer, x_value: torch.Tensor | None) -> int | None:
     """Rows the layer multiplies: the input's elements per input feature (a conv's: per channel, after stride)."""
@@ -259,12 +298,6 @@ def _tokens(layer: Layer, x_value: torch.Tensor | None) -> int | None:
         n, _, h, w = x_value.shape
         return int(n * -(-h // layer.stride[0]) * -(-w // layer.stride[1]))
     return int(x_value.numel() // x_value.shape[-1])
-
-
-def _semi_structured_note(weight: torch.Tensor) -> str:
-    if weight.device.type != "cuda":
-        return "2:4: no CPU kernel in torch"
-    return "2:4: not timed on CUDA by this version"
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
