@@ -150,13 +150,11 @@ class SparseLinear(nn.Module):
                 f"nnz={self.values.numel()}")
 
 
-class SparseConv1x1(SparseLinear):
-    """A 1x1 ``nn.Conv2d`` (no padding, no groups, any stride) as a sparse linear map over channels."""
+class _OverChannels:
+    """A 1x1 ``nn.Conv2d`` (no padding, no groups, any stride) computed by the linear layer class it is mixed into,
+    as a linear map over channels; the subclass sets ``stride``."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sparse_format: SparseFormat,
-                 stride: tuple[int, int] = (1, 1)):
-        super().__init__(weight.reshape(weight.shape[0], weight.shape[1]), bias, sparse_format)
-        self.stride = tuple(stride)
+    stride: tuple[int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != (1, 1):
@@ -168,6 +166,15 @@ class SparseConv1x1(SparseLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stride={self.stride}"
+
+
+class SparseConv1x1(_OverChannels, SparseLinear):
+    """A 1x1 ``nn.Conv2d`` as a sparse linear map over channels."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sparse_format: SparseFormat,
+                 stride: tuple[int, int] = (1, 1)):
+        super().__init__(weight.reshape(weight.shape[0], weight.shape[1]), bias, sparse_format)
+        self.stride = tuple(stride)
 
 
 def dense_call(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1)) -> Callable:
@@ -321,24 +328,13 @@ class SemiStructuredLinear(nn.Module):
         return f"out_features={self.size[0]}, in_features={self.size[1]}, format=2:4, backend={self.backend}"
 
 
-class SemiStructuredConv1x1(SemiStructuredLinear):
-    """A 1x1 ``nn.Conv2d`` (no padding, no groups, any stride) as a 2:4 semi-structured linear map over channels."""
+class SemiStructuredConv1x1(_OverChannels, SemiStructuredLinear):
+    """A 1x1 ``nn.Conv2d`` as a 2:4 semi-structured linear map over channels."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
                  cusparselt: bool | None = None):
         super().__init__(weight, bias, cusparselt)
         self.stride = tuple(stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != (1, 1):
-            x = x[:, :, :: self.stride[0], :: self.stride[1]]
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1).contiguous()
-
-    def dense_weight(self) -> torch.Tensor:
-        return super().dense_weight()[:, :, None, None]
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", stride={self.stride}"
 
 
 def semi_structured_module(kind: str, weight: torch.Tensor, bias: torch.Tensor | None,

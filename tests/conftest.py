@@ -118,3 +118,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def correlated_layer(seed=0, rows=48, columns=256, tokens=2048):
+    """A random layer and inputs whose features are correlated and of very different scales (like LLM activations)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5 + torch.eye(columns)
+    scales = torch.exp(torch.randn(columns, generator=generator))
+    inputs = (torch.randn(tokens, columns, generator=generator) @ mixing) * scales
+    return torch.randn(rows, columns, generator=generator), inputs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_hf_model, token_inputs
+from conftest import correlated_layer, tiny_hf_model, token_inputs
 from fxsparse.errors import BadArgumentError
 from fxsparse.sparse import Compressor, SparseConfig
 from fxsparse.sparse.calibration import SparseGPTCriterion, WandaCriterion, magnitude_prune, sparsify_sequential
@@ -66,15 +66,6 @@ def test_sparsegpt_changes_kept_weights_but_at_sparsity_zero_nothing():
     name = "transformer.h.0.mlp.c_fc.weight"
     kept = model.get_parameter(name) != 0
     assert not torch.equal(model.get_parameter(name)[kept], before[name][kept])  # the OBS update moved them
-
-
-def correlated_layer(seed=0, rows=48, columns=256, tokens=2048):
-    """A random layer and inputs whose features are correlated and of very different scales (like LLM activations)."""
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5 + torch.eye(columns)
-    scales = torch.exp(torch.randn(columns, generator=generator))
-    inputs = (torch.randn(tokens, columns, generator=generator) @ mixing) * scales
-    return torch.randn(rows, columns, generator=generator), inputs
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])

@@ -18,6 +18,8 @@ from fxsparse.sparse.calibration_targets import module_target
 from fxsparse.sparse.sparsegpt import HessianStatistics, sparsegpt_prune
 from fxsparse.sparse.wanda import WandaStatistics, wanda_prune, wanda_scores
 
+from conftest import correlated_layer
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -222,14 +224,6 @@ def test_a_transposable_conv_whose_blocks_would_span_kernel_positions_is_left_to
 
 
 # --- transposable N:M with the calibrated criteria -----------------------------------------------------------------
-
-def correlated_layer(seed=0, rows=48, columns=256, tokens=2048):
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5 + torch.eye(columns)
-    scales = torch.exp(torch.randn(columns, generator=generator))
-    inputs = (torch.randn(tokens, columns, generator=generator) @ mixing) * scales
-    return torch.randn(rows, columns, generator=generator), inputs
-
 
 def test_transposable_wanda_is_the_best_both_ways_mask_for_the_wanda_scores():
     weight, inputs = correlated_layer()

@@ -169,12 +169,26 @@ class ItemInForward(nn.Module):
         return x * 2 if x.sum().item() > 0 else x
 
 
-def test_pickling_instead_of_exporting_is_logged_with_the_reason(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="fxsparse"):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_pickling_instead_of_exporting_is_logged_with_the_reason(tmp_path):
+    # a handler on fxsparse's own logger: the CLI (run in-process by other tests) stops it propagating to the root
+    logger, records = logging.getLogger("fxsparse"), _Records()
+    logger.addHandler(records)
+    try:
         fmt = save_module(ItemInForward(), tmp_path / "m.pt2", (torch.ones(2),), {}, {})
+    finally:
+        logger.removeHandler(records)
     assert fmt == "pickle"
     assert any("is pickled, not a torch.export program (torch.export failed:" in r.getMessage()
-               for r in caplog.records)
+               for r in records.records)
 
 
 def test_a_kernel_that_still_refuses_leaves_the_layer_dense(cutlass_on_cpu, monkeypatch, one_thread):
