@@ -91,16 +91,19 @@ def copy_sharing_tensors(module: torch.nn.Module, buffers: bool = True) -> torch
 
 
 def unshare_parameters(module: torch.nn.Module, other: torch.nn.Module) -> int:
-    """Give ``module`` its own copy of every parameter it still shares with ``other`` (tied ones stay tied), so
-    that training one never moves the other; returns how many tensors were copied."""
-    theirs = {id(p) for p in other.parameters()}
+    """Give ``module`` its own copy of every parameter whose memory it still shares with ``other`` (the same tensor
+    or a view of one; tied ones stay tied), so that training one never moves the other; returns how many tensors
+    were copied."""
+    theirs = {p.untyped_storage().data_ptr() for p in other.parameters()}
     copied = 0
     with torch.no_grad():
-        for key, names in tensor_names(module).items():
-            if key not in theirs:
-                continue
+        for names in tensor_names(module).values():
             shared = get_attr_value(module, names[0])
-            own = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            if shared.untyped_storage().data_ptr() not in theirs:
+                continue
+            own = shared.detach().clone()
+            if isinstance(shared, torch.nn.Parameter):
+                own = torch.nn.Parameter(own, requires_grad=shared.requires_grad)
             for name in names:
                 set_attr_value(module, name, own)
             copied += 1
