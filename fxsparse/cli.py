@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -286,38 +287,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+@contextlib.contextmanager
+def _logging_configured(verbose: bool, quiet: bool):
+    """Progress to stderr as the CLI shows it, for the duration of a command; the loggers it changes are put back
+    after, so that ``main()`` called in-process (tests, a user's script) leaves logging as it found it."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     package = logging.getLogger("fxsparse")
+    # torch logs warnings, graphs included, for every failed torch.export attempt; fxsparse reports those failures
+    # itself, in a line each
+    quieted = [] if verbose else [logging.getLogger(n) for n in ["torch", *logging.root.manager.loggerDict]
+                                  if n == "torch" or n.startswith("torch.")]
+    saved = [(logger, logger.level) for logger in (package, log, *quieted)]
+    saved_handlers, saved_propagate = package.handlers[:], package.propagate
     package.handlers[:] = [handler]
     package.propagate = False
     package.setLevel(logging.INFO if verbose else logging.WARNING)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not verbose:
-        # torch logs warnings, graphs included, for every failed torch.export attempt; fxsparse reports those
-        # failures itself, in a line each.
-        for name in [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]:
-            logger = logging.getLogger(name)
-            if logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING):
-                logger.setLevel(logging.ERROR)
-        logging.getLogger("torch").setLevel(logging.ERROR)
+    for logger in quieted:
+        if logger.level in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING):
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        package.handlers[:], package.propagate = saved_handlers, saved_propagate
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
-    try:
-        return args.func(args)
-    except FxsparseError as error:
-        if args.verbose:
-            log.exception("fxsparse failed")
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        print(f"fxsparse: error: {lines[0]}", file=sys.stderr)
-        for line in lines[1:]:
-            print(f"  {line.strip()}", file=sys.stderr)
-        return EXIT_ERROR
+    with _logging_configured(args.verbose, args.quiet):
+        try:
+            return args.func(args)
+        except FxsparseError as error:
+            if args.verbose:
+                log.exception("fxsparse failed")
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            print(f"fxsparse: error: {lines[0]}", file=sys.stderr)
+            for line in lines[1:]:
+                print(f"  {line.strip()}", file=sys.stderr)
+            return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

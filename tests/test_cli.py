@@ -59,6 +59,15 @@ def test_demo_pass_list_is_a_module_constant():
     assert set(cli.DEMO_PASSES) <= set(fxsparse.passes.PASSES)
 
 
+def test_main_in_process_leaves_logging_as_it_found_it(tmp_path):
+    import logging
+
+    package, torch_logger = logging.getLogger("fxsparse"), logging.getLogger("torch")
+    before = (package.handlers[:], package.propagate, package.level, torch_logger.level)
+    assert cli.main(["-q", "compile", "resnet", "--passes", "ShapeInference", "--output", str(tmp_path / "m.pt2")]) == 0
+    assert (package.handlers[:], package.propagate, package.level, torch_logger.level) == before
+
+
 def test_demo_keeps_files_when_asked(tmp_path, capsys):
     assert cli.main(["-q", "demo", "--output-dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
