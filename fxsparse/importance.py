@@ -22,6 +22,23 @@ def per_index(values: torch.Tensor, dim: int) -> torch.Tensor:
     return values.detach().movedim(dim, 0).reshape(values.shape[dim], -1).sum(dim=1).float()
 
 
+# Leading rows of a weight taken at a time by per_index_blockwise: 4 MiB of float32.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def per_index_blockwise(tensor: torch.Tensor, dim: int, elementwise: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> torch.Tensor:
+    """``per_index(elementwise(tensor), dim)``, computed a block of leading rows at a time: a temporary the size of
+    the weight costs more in fresh memory than the arithmetic does (10x on a 2048 x 5632 weight), and on a large
+    model it would be one more weight's worth of peak memory."""
+    tensor = tensor.detach()
+    if tensor.dim() < 2:
+        return per_index(elementwise(tensor), dim)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, tensor[0].numel()))
+    parts = [per_index(elementwise(block), dim) for block in tensor.split(rows)]
+    return torch.cat(parts) if dim == 0 else torch.stack(parts).sum(dim=0)
+
+
 class Importance:
     name = "importance"
     needs_gradients = False
@@ -47,7 +64,7 @@ class Magnitude(Importance):
         self.name = f"l{p}"
 
     def member_scores(self, tensor, dim, grad, roles):
-        return per_index(tensor.abs() if self.p == 1 else tensor.pow(2), dim)
+        return per_index_blockwise(tensor, dim, torch.abs if self.p == 1 else torch.square)
 
     def reduce(self, totals):
         return totals if self.p == 1 else totals.sqrt()

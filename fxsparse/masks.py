@@ -123,7 +123,8 @@ def _tensors_held(module: torch.nn.Module):
 
 
 def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor], in_place: bool = False) -> torch.nn.Module:
-    """``module`` with each mask multiplied into its parameter, nothing else changed.
+    """``module`` with each mask multiplied into its parameter, nothing else changed (a mask may be of the
+    parameter's shape or broadcast to it).
 
     The masked parameters get new tensors; by default on a copy of ``module`` (which shares the other tensors), and
     with ``in_place`` on ``module`` itself, for a caller that owns it (a compile's private graph). A tensor reachable
@@ -167,9 +168,11 @@ def zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return ~grid.any(dim=2).any(dim=0)
 
 
-def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor) -> dict[str, torch.Tensor]:
+def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor,
+                    broadcast: bool = False) -> dict[str, torch.Tensor]:
     """Masks that zero every producing weight slice of the channels ``units`` remove: the masked model of a
-    structural decision."""
+    structural decision. ``broadcast``: a mask keeps size 1 in the dims it does not mask (what ``apply_masks``
+    takes), rather than the parameter's full shape, which on a large model is a bool tensor per weight."""
     keep = analysis.keep_labels(units)
     masks: dict[str, torch.Tensor] = {}
     for member in analysis.graph.members.values():
@@ -179,10 +182,12 @@ def masks_for_units(analysis: ChannelAnalysis, units: torch.Tensor) -> dict[str,
         if bool(alive.all()):
             continue
         shape = analysis.graph.member_shapes[member.target]
-        mask = masks.get(member.target, torch.ones(shape, dtype=torch.bool))
         view = [1] * len(shape)
         view[member.dim] = len(alive)
-        masks[member.target] = mask & alive.reshape(view)
+        mask = alive.reshape(view)
+        if member.target in masks:
+            mask = masks[member.target] & mask
+        masks[member.target] = mask if broadcast else mask.expand(shape).clone()
     return masks
 
 

@@ -261,7 +261,8 @@ class Prune(Pass):
         units, rows = self.decide(ctx)
         # in place: the compile's private module gets masked tensors in place of its own (the user's are never
         # written), and no rewrite is in progress whose reference it would be
-        ctx.module = apply_masks(ctx.module, masks_for_units(ctx.facts["groups"].analysis, units), in_place=True)
+        masks = masks_for_units(ctx.facts["groups"].analysis, units, broadcast=True)
+        ctx.module = apply_masks(ctx.module, masks, in_place=True)
         ctx.facts["removal"] = Removal(units, f"Prune({self.importance.name}, {self.scope})")
         step = f" (step {self.step}/{self.steps})" if self.steps > 1 else ""
         self._summary = f"{len(units)} units chosen in {len(rows)} groups by {self.importance.name}{step}"
