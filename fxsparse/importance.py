@@ -32,9 +32,9 @@ def per_index_blockwise(tensor: torch.Tensor, dim: int, elementwise: Callable[[t
     the weight costs more in fresh memory than the arithmetic does (10x on a 2048 x 5632 weight), and on a large
     model it would be one more weight's worth of peak memory."""
     tensor = tensor.detach()
-    if tensor.dim() < 2:
+    if tensor.dim() < 2 or not tensor.numel():
         return per_index(elementwise(tensor), dim)
-    rows = max(1, _BLOCK_ELEMENTS // max(1, tensor[0].numel()))
+    rows = max(1, _BLOCK_ELEMENTS // tensor[0].numel())
     parts = [per_index(elementwise(block), dim) for block in tensor.split(rows)]
     return torch.cat(parts) if dim == 0 else torch.stack(parts).sum(dim=0)
 

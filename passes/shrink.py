@@ -129,7 +129,8 @@ class Shrink(Pass):
         trial_args, trial_kwargs = trial_inputs(ctx.args, ctx.kwargs, trials=1)[0]
         measured: dict[str, Any] = {}
         removed, keep, folds, notes = settle_residues(
-            masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels, outputs=measured)
+            masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels,
+            outputs=measured)
         if "output" in measured:
             ctx.reference_outputs[0] = measured["output"]
         notes = empty_notes + notes
