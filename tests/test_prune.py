@@ -132,3 +132,15 @@ def test_keep_helper_uses_the_keep_ratio(resnet):
 def test_bad_options_name_the_argument(options, argument):
     with pytest.raises(fxsparse.BadArgumentError, match=argument):
         Prune(**options)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_magnitude_scores_blockwise_equal_scores_of_the_whole_weight(dim, monkeypatch):
+    """Magnitude scores a few rows at a time (no weight-sized temporary); the blocks must add up to the whole."""
+    import fxsparse.importance as importance
+
+    monkeypatch.setattr(importance, "_BLOCK_ELEMENTS", 100)  # blocks of 2 rows of 45 entries: 7 blocks and a rest
+    weight = torch.randn(15, 5, 3, 3)
+    for p, power in ((1, torch.abs), (2, torch.square)):
+        got = importance.Magnitude(p).member_scores(weight, dim, None, set())
+        assert torch.allclose(got, importance.per_index(power(weight), dim), rtol=1e-6)
