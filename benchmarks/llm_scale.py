@@ -28,19 +28,13 @@ import time
 import torch
 from tabulate import tabulate
 
+from shrink_common import status_kib  # this folder: the script's own
+
 FULL = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
             num_key_value_heads=4, vocab_size=32000)
 QUICK = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=176, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=320)
 TOKENS = 16
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
 
 
 def build(quick: bool, layers: int | None = None):
@@ -85,7 +79,7 @@ def run_tool(tool: str, quick: bool, ratio: float, layers: int | None = None) ->
     """In this (child) process: build, prune in place, check the pruned model runs; figures as a dict."""
     import transformers  # noqa: F401 - imported before the baseline is read, so it is not counted as the prune's
 
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     model, ids = build(quick, layers)
     params = sum(p.numel() for p in model.parameters())
     weight_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
@@ -102,7 +96,7 @@ def run_tool(tool: str, quick: bool, ratio: float, layers: int | None = None) ->
         row["ok"] = f"{type(error).__name__}: {lines[0][:100] if lines else ''}"
     row["prune s"] = round(time.perf_counter() - start, 1)
     row["params after"] = sum(p.numel() for p in model.parameters())
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     row["peak RSS GiB"] = round(peak / 2**20, 2) if peak else None
     row["(peak - libraries) / weights"] = round((peak - baseline) / 2**20 / weight_gib, 2) if peak else None
     return row

@@ -1,4 +1,4 @@
-"""What the benchmarks share: a stage clock and a CPU latency measure."""
+"""What the benchmarks share: a stage clock, a CPU latency measure and the process's memory figures."""
 from __future__ import annotations
 
 import contextlib
@@ -27,3 +27,12 @@ def latency(module: torch.nn.Module, inputs: tuple, kwargs: dict, repeats: int =
             module(*inputs, **kwargs)
             samples.append(time.perf_counter() - start)
     return sorted(samples)[len(samples) // 2]
+
+
+def status_kib(field: str) -> int | None:
+    """A figure of this process's /proc/self/status in KiB (VmRSS, VmHWM, VmSize...), None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None

@@ -86,7 +86,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shrink_common import latency  # noqa: E402
+from shrink_common import latency, status_kib  # noqa: E402
 
 import fxsparse  # noqa: E402
 from fxsparse import passes  # noqa: E402
@@ -304,7 +304,7 @@ def time_limit(seconds: int):
 def memory_limit(gib: float):
     """Let the block grow the address space by at most ``gib`` GiB: past that, allocations fail (MemoryError, or
     torch's RuntimeError) instead of the kernel's OOM killer ending the whole benchmark. Linux only."""
-    size = _status_kib("VmSize")
+    size = status_kib("VmSize")
     if size is None:
         yield
         return
@@ -318,14 +318,6 @@ def memory_limit(gib: float):
         resource.setrlimit(resource.RLIMIT_AS, previous)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
 def reset_peak_rss() -> int | None:
     """Reset the process's peak resident memory to its current size; that size in KiB (None where unsupported)."""
     try:
@@ -333,12 +325,12 @@ def reset_peak_rss() -> int | None:
             clear_refs.write("5")
     except OSError:
         return None
-    return _status_kib("VmRSS")
+    return status_kib("VmRSS")
 
 
 def _peak_growth_gib(rss_before: int | None) -> float | None:
     """How far the peak resident memory rose above ``rss_before`` (KiB), in GiB."""
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return None if rss_before is None or peak is None else max(0.0, (peak - rss_before) / 2**20)
 
 
