@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import fxsparse
 from fxsparse.distill import KnowledgeDistillConfig, get_distill_model
-from prune_digits import BATCH_SIZE, DigitsCNN, accuracy, batches, digits_split, train
+from digits_data import BATCH_SIZE, accuracy, digits_split
+from prune_digits import DigitsCNN, batches, train
 
 LEARNING_RATE = 3e-3
 HIDDEN_STATES = ("block.bn2", "expand.1")  # the residual stream after the block, and the widest layer

@@ -15,16 +15,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from tqdm import tqdm
 
 import fxsparse
+from digits_data import BATCH_SIZE, accuracy, digits_split  # this folder: the digits examples' shared parts
 
 CRITERIA = ("l2", "taylor")
-BATCH_SIZE = 64
 LEARNING_RATE = 3e-3  # the peak of a cosine schedule, for training and fine-tuning alike
-TEST_FRACTION = 0.25
 
 
 class ResidualBlock(nn.Module):
@@ -59,17 +57,6 @@ class DigitsCNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train images, train labels, test images, test labels): images as (N, 1, 8, 8) floats in [0, 1]."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(labels) * TEST_FRACTION)
-    test, train = order[:n_test], order[n_test:]
-    return images[train], labels[train], images[test], labels[test]
-
-
 def batches(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
     """Shuffled (images, labels) mini-batches covering the data once."""
     order = torch.randperm(len(labels), generator=generator)
@@ -97,12 +84,6 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
                 progress.set_postfix(loss=f"{loss.item():.3f}")
                 progress.update()
     model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    return (model(images).argmax(dim=1) == labels).float().mean().item()
 
 
 def prune(model: nn.Module, criterion: str, keep: float, calibration: list) -> fxsparse.CompileResult:
