@@ -108,7 +108,6 @@ class PassManager:
             before = ctx.module
             if p.rewrites and ctx.verify and self.verifier is not None:
                 ctx.reference = before
-            ctx.reference_outputs = {}
             start = time.perf_counter()
             rows = p.run(ctx)
             seconds = time.perf_counter() - start
@@ -124,6 +123,6 @@ class PassManager:
             if p.rewrites and ctx.verify and self.verifier is not None:
                 verification = self.verifier(ctx, p)
                 ctx.reference = None
-            ctx.reference_outputs = {}
+            ctx.reference_outputs = {}  # what a pass handed its verification: used, or not needed, either way done
             records.append(PassRecord(p.name, seconds, rows, p.summary(rows), inserted, verification))
         return records

@@ -97,22 +97,20 @@ def _spread(t: torch.Tensor, keep_dim: int) -> tuple[torch.Tensor, torch.Tensor]
 def settle_residues(
     gm: fx.GraphModule, analysis: ChannelAnalysis, consumers: list[Consumer], removed: torch.Tensor,
     args: tuple, kwargs: dict, node_labels: dict[str, Any], max_rounds: int = 4,
-    outputs: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[Fold], list[str]]:
-    """Final (removed units, keep per label, folds, notes on channels kept back). The residues are measured on
-    ``args``/``kwargs``; ``gm``'s output on them is put in ``outputs["output"]`` when given (and it ran)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[Fold], list[str], Any]:
+    """Final (removed units, keep per label, folds, notes on channels kept back), and ``gm``'s output on
+    ``args``/``kwargs``, which the residues are measured on (None when no channel needed measuring)."""
     notes: list[str] = []
     nodes = {n.name: n for n in gm.graph.nodes}
+    model_output = None
     for _ in range(max_rounds):
         keep = analysis.keep_labels(removed)
         active = [c for c in consumers if not bool(keep[c.labels].all())]
         if not active:
-            return removed, keep, [], notes
+            return removed, keep, [], notes, model_output
         capture = _Capture(gm, {c.node for c in active})
         with torch.no_grad():
-            output = capture.run(*placeholder_values(gm, args, kwargs))
-        if outputs is not None:
-            outputs["output"] = output
+            model_output = capture.run(*placeholder_values(gm, args, kwargs))
         folds, blocked = {}, []
         for c in active:
             node = nodes[c.node]
@@ -126,7 +124,7 @@ def settle_residues(
         blocked += _settle_shared_layers(gm, nodes, consumers, keep, folds, notes)
         folds = list(folds.values())
         if not blocked:
-            return removed, keep, folds, notes
+            return removed, keep, folds, notes, model_output
         removed = analysis.restore(removed, torch.cat(blocked))
     raise RuntimeError("removed channels' residues did not settle")
 

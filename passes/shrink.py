@@ -127,12 +127,10 @@ class Shrink(Pass):
         removed, empty_notes = analysis.keep_nonempty(removal.units)
         # residues are measured on verification's first trial input, so that its reference output is one run less
         trial_args, trial_kwargs = trial_inputs(ctx.args, ctx.kwargs, trials=1)[0]
-        measured: dict[str, Any] = {}
-        removed, keep, folds, notes = settle_residues(
-            masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels,
-            outputs=measured)
-        if "output" in measured:
-            ctx.reference_outputs[0] = measured["output"]
+        removed, keep, folds, notes, output = settle_residues(
+            masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels)
+        if output is not None:
+            ctx.reference_outputs[0] = output
         notes = empty_notes + notes
         fold_rows, fold_records = [], []
 
