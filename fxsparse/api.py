@@ -19,7 +19,7 @@ from .graph_utils import iter_tensors
 from .inplace import apply_result, replay_gathers
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
-from .masks import unshare_parameters
+from .copying import unshare_parameters
 from .metrics import Costs, count_macs
 from .pass_manager import Pass, PassManager
 from .plan import Plan

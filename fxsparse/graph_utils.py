@@ -59,6 +59,16 @@ def set_attr_value(gm: torch.nn.Module, target: str, value: Any) -> None:
         setattr(owner, last, value)
 
 
+def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter and buffer, by tensor identity: tied weights have several."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    for name, tensor in module.named_buffers(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
     for leaf in pytree.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):

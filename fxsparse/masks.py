@@ -1,17 +1,16 @@
 """Masks: the forms users write them in, applying them to weights, and masks for a decision on units."""
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .channels import PRODUCE, ChannelAnalysis
 from .errors import MaskError
-from .graph_utils import get_attr_value, set_attr_value
+from .copying import copy_sharing_tensors
+from .graph_utils import get_attr_value, set_attr_value, tensor_names
 
 
 def normalize_masks(masks: dict[str, Any], module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -75,53 +74,6 @@ def _full_mask(target: str, mask: Any, weight: torch.Tensor) -> torch.Tensor:
         f"{tuple(weight.shape)} or a 1-D mask of {weight.shape[0]} output channels")
 
 
-def copy_sharing_tensors(module: torch.nn.Module, buffers: bool = True) -> torch.nn.Module:
-    """A deep copy of ``module``'s structure (submodules, graph, attributes) that shares the original's tensors.
-
-    Passes treat tensors as values: a pass that changes a weight puts a new tensor in its place (masking, slicing,
-    folding a constant into a bias) and never writes into one. So a copy needs no copies of the weights it does
-    not change, which on a large model are most of the cost of a copy (fresh memory is slow to fault in).
-    ``buffers=False`` copies the buffers and plain tensor attributes, and shares the parameters only: for a copy of
-    a user's model, whose forward may update its own buffers (running statistics, counters) in place.
-    """
-    memo: dict[int, Any] = {}
-    for tensor in (_tensors_held(module) if buffers else module.parameters()):
-        memo[id(tensor)] = tensor
-    return copy.deepcopy(module, memo)
-
-
-def unshare_parameters(module: torch.nn.Module, other: torch.nn.Module) -> int:
-    """Give ``module`` its own copy of every parameter whose memory it still shares with ``other`` (the same tensor
-    or a view of one; tied ones stay tied), so that training one never moves the other; returns how many tensors
-    were copied."""
-    theirs = {p.untyped_storage().data_ptr() for p in other.parameters()}
-    copied = 0
-    with torch.no_grad():
-        for names in tensor_names(module).values():
-            shared = get_attr_value(module, names[0])
-            if shared.untyped_storage().data_ptr() not in theirs:
-                continue
-            own = shared.detach().clone()
-            if isinstance(shared, torch.nn.Parameter):
-                own = torch.nn.Parameter(own, requires_grad=shared.requires_grad)
-            for name in names:
-                set_attr_value(module, name, own)
-            copied += 1
-    return copied
-
-
-def _tensors_held(module: torch.nn.Module):
-    """Parameters, buffers and plain tensor attributes of every submodule, and the values graphs keep on nodes."""
-    for sub in module.modules():
-        yield from sub._parameters.values()
-        yield from sub._buffers.values()
-        yield from (v for v in vars(sub).values() if isinstance(v, torch.Tensor))
-        graph = vars(sub).get("_graph")
-        if isinstance(graph, torch.fx.Graph):
-            for node in graph.nodes:
-                yield from (v for v in pytree.tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor))
-
-
 def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor], in_place: bool = False) -> torch.nn.Module:
     """``module`` with each mask multiplied into its parameter, nothing else changed (a mask may be of the
     parameter's shape or broadcast to it).
@@ -144,16 +96,6 @@ def apply_masks(module: torch.nn.Module, masks: dict[str, torch.Tensor], in_plac
             for name in names.get(key, []):
                 set_attr_value(masked, name, zeroed)
     return masked
-
-
-def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
-    """Every name of every parameter and buffer, by tensor identity: tied weights have several."""
-    names: dict[int, list[str]] = {}
-    for name, tensor in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(tensor), []).append(name)
-    for name, tensor in module.named_buffers(remove_duplicate=False):
-        names.setdefault(id(tensor), []).append(name)
-    return names
 
 
 def zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .channels import CONSUME
 from .errors import FxsparseError
 from .graph_utils import get_attr_value, set_attr_value
 from .index_map import IndexMap
-from .masks import copy_sharing_tensors
+from .copying import copy_sharing_tensors
 from .plan import Plan
 from .rules import rule_for
 from .rules.base import RewriteContext

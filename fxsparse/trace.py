@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .errors import BadArgumentError, TraceError
 from .inputs import normalize_example_inputs
-from .masks import copy_sharing_tensors, unshare_parameters
+from .copying import copy_sharing_tensors, unshare_parameters
 from .metrics import shape_and_count_macs
 from .shapes import propagate_shapes
 

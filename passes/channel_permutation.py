@@ -23,7 +23,7 @@ from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError
 from fxsparse.graph_utils import get_attr_value
 from fxsparse.index_map import IndexMap
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 from fxsparse.permutation import search_permutation
 from fxsparse.rewrite import reindex

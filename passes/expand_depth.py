@@ -18,7 +18,7 @@ from fxsparse.growth.blocks import blocks_of, child_path, find_block_runs
 from fxsparse.growth.identity import NotGrowableError, analyse_block
 from fxsparse.growth.insert import Copy, numbered_children, rearrange_children, rewire_graph
 from fxsparse.growth.layout import layout_record, spread
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 
 PLACEMENTS = ("interleave", "stack")

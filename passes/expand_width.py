@@ -29,7 +29,7 @@ from fxsparse.channels import REPEAT
 from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError
 from fxsparse.index_map import IndexMap
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 from fxsparse.rewrite import reindex
 from fxsparse.shapes import propagate_shapes

@@ -12,7 +12,7 @@ from typing import Any
 
 from fxsparse.context import CompileContext
 from fxsparse.lower import PARTS, lower_modules
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 
 

@@ -26,7 +26,7 @@ from fxsparse.errors import BadArgumentError
 from fxsparse.graph_utils import get_attr_value, tensor_value
 from fxsparse.kernels import (LAYOUTS, SparseFormat, Timer, dense_call, median_seconds, semi_structured_module,
                               semi_structured_unsupported, sparse_module)
-from fxsparse.masks import copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
 from fxsparse.pass_manager import Pass
 from fxsparse.verify import compare_outputs, tolerance_for
 

@@ -24,7 +24,8 @@ import torch
 from fxsparse.context import CompileContext
 from fxsparse.errors import BadArgumentError, FxsparseError
 from fxsparse.graph_utils import get_attr_value, set_attr_value
-from fxsparse.masks import apply_masks, copy_sharing_tensors
+from fxsparse.copying import copy_sharing_tensors
+from fxsparse.masks import apply_masks
 from fxsparse.pass_manager import Pass
 from fxsparse.sparse.criteria import Magnitude, resolve_criterion
 from fxsparse.sparse.patterns import NM, parse_pattern
