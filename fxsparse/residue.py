@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from .channels import ChannelAnalysis
 from .graph_utils import get_attr_value, placeholder_values
 from .modules import PaddedConstantCorrection
 from .rules.layers import Consumer
+from .zero_channels import removed_inputs_are_zero, writes_into_shared_inputs
 
 
 @dataclass
@@ -31,16 +33,21 @@ class Fold:
 
 
 class _Capture(fx.Interpreter):
-    """Runs the graph and keeps the evaluated arguments and output of the named nodes."""
+    """Runs the graph and keeps the evaluated arguments and output of the named nodes: copies of them when a later
+    node may write into a tensor they read (``x.add_(1)`` after a layer read ``x``)."""
 
     def __init__(self, gm: fx.GraphModule, names: set[str]):
         super().__init__(gm)
         self.names, self.seen = names, {}
+        self.copy = writes_into_shared_inputs(gm)
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
         if n.name in self.names:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if self.copy:
+                args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        result = super().run_node(n)
+        if n.name in self.names:
             self.seen[n.name] = (args, kwargs, result)
         return result
 
@@ -96,10 +103,14 @@ def _spread(t: torch.Tensor, keep_dim: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def settle_residues(
     gm: fx.GraphModule, analysis: ChannelAnalysis, consumers: list[Consumer], removed: torch.Tensor,
-    args: tuple, kwargs: dict, node_labels: dict[str, Any], max_rounds: int = 4,
+    args: tuple, kwargs: dict, node_labels: dict[str, Any], max_rounds: int = 4, prove: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Fold], list[str], Any]:
     """Final (removed units, keep per label, folds, notes on channels kept back), and ``gm``'s output on
-    ``args``/``kwargs``, which the residues are measured on (None when no channel needed measuring)."""
+    ``args``/``kwargs``, which the residues are measured on (None when no channel needed measuring).
+
+    ``prove``: first try to show from the weights that every removed channel reaches its consumers as 0
+    (fxsparse.zero_channels), and measure only if that fails. A caller that runs the model on ``args`` anyway
+    (verification) measures at once and takes the output."""
     notes: list[str] = []
     nodes = {n.name: n for n in gm.graph.nodes}
     model_output = None
@@ -108,6 +119,8 @@ def settle_residues(
         active = [c for c in consumers if not bool(keep[c.labels].all())]
         if not active:
             return removed, keep, [], notes, model_output
+        if prove and removed_inputs_are_zero(gm, analysis.graph, node_labels, keep, active):
+            return removed, keep, [], notes, model_output  # nothing to fold, shown without running the model
         capture = _Capture(gm, {c.node for c in active})
         with torch.no_grad():
             model_output = capture.run(*placeholder_values(gm, args, kwargs))
