@@ -102,8 +102,9 @@ def build_groups(analysis: ChannelAnalysis, units: torch.Tensor | None = None) -
     factors = _component_factors(analysis)
     members: dict[int, list[tuple[str, int]]] = defaultdict(list)
     producers: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    for member in analysis.graph.members.values():
-        for group in _touched_groups(analysis, member.labels, label_group, factors):
+    all_members = list(analysis.graph.members.values())
+    for member, touched in zip(all_members, _member_groups(analysis, all_members, label_group, factors)):
+        for group in touched:
             if group in units_by_group:
                 members[group].append((member.target, member.dim))
                 if PRODUCE in member.roles:
@@ -119,6 +120,27 @@ def _component_factors(analysis: ChannelAnalysis) -> torch.Tensor:
     by_root = torch.full_like(analysis.factor_of, -1)
     by_root[analysis.component[factored]] = analysis.factor_of[factored]
     return by_root[analysis.component]
+
+
+def _member_groups(analysis: ChannelAnalysis, members: list, label_group: torch.Tensor,
+                   factors: torch.Tensor) -> list[list[int]]:
+    """``_touched_groups`` of every member's labels. The groups of members without factored channels (most) are
+    found for all of them at once, from one array of (member, group) pairs; the others one by one."""
+    if not members:
+        return []
+    sizes = [len(member.labels) for member in members]
+    comps = analysis.component[torch.cat([member.labels for member in members])]
+    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes))
+    n_groups = int(label_group.max()) + 1
+    pairs = torch.unique(owner * n_groups + label_group[comps]).tolist()
+    touched: list[list[int]] = [[] for _ in members]
+    for pair in pairs:
+        touched[pair // n_groups].append(pair % n_groups)
+    has_factors = torch.zeros(len(members), dtype=torch.bool)
+    has_factors.index_put_((owner,), (factors[comps] >= 0).any(dim=1), accumulate=True)
+    for index in torch.nonzero(has_factors).flatten().tolist():
+        touched[index] = _touched_groups(analysis, members[index].labels, label_group, factors)
+    return touched
 
 
 def _touched_groups(analysis: ChannelAnalysis, labels: torch.Tensor, label_group: torch.Tensor,

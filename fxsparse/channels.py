@@ -223,8 +223,11 @@ class ChannelAnalysis:
         same operations on all of its factors (a fixed head-dim fixes its head); iterate, factors may be factored."""
         comp = self.component
         blocked = torch.zeros(self.n_labels, dtype=torch.long)
+        by_blocks: dict[int, list[torch.Tensor]] = {}  # a few distinct bit sets: one scatter each
         for labels, blocks in graph.fixed:
-            roots = comp[labels]
+            by_blocks.setdefault(blocks, []).append(labels)
+        for blocks, arrays in by_blocks.items():
+            roots = comp[torch.cat(arrays)]
             blocked[roots] = blocked[roots] | blocks
         for member in graph.members.values():
             if PRODUCE in member.roles and CONSUME in member.roles:

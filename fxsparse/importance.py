@@ -64,6 +64,9 @@ class Magnitude(Importance):
         self.name = f"l{p}"
 
     def member_scores(self, tensor, dim, grad, roles):
+        if dim == 0 and tensor.numel():  # rows: a norm kernel reads them in place, with no |w|^p temporary
+            norms = torch.linalg.vector_norm(tensor.detach().reshape(len(tensor), -1), self.p, dim=1).float()
+            return norms if self.p == 1 else norms.square()
         return per_index_blockwise(tensor, dim, torch.abs if self.p == 1 else torch.square)
 
     def reduce(self, totals):
@@ -188,9 +191,8 @@ def unit_scores(analysis: ChannelAnalysis, module: torch.nn.Module, importance: 
     units = analysis.units if units is None else units
     if isinstance(importance, RandomImportance):
         return torch.rand(len(units), generator=importance.generator)
-    totals = torch.zeros(analysis.n_labels)
-    covered = torch.zeros(analysis.n_labels)
-    fallback = torch.zeros(analysis.n_labels) if isinstance(importance, BNScale) else None
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # (labels, one score per label), per member
+    by_fallback: list[tuple[torch.Tensor, torch.Tensor]] = []
     for member in analysis.graph.members.values():
         tensor = get_attr_value(module, member.target)
         if not isinstance(tensor, torch.nn.Parameter):
@@ -198,12 +200,23 @@ def unit_scores(analysis: ChannelAnalysis, module: torch.nn.Module, importance: 
         grad = grads.get(member.target) if grads else None
         scores = importance.member_scores(tensor, member.dim, grad, member.roles)
         if scores is not None:
-            _push(analysis, totals, member.labels, scores)
-            _push(analysis, covered, member.labels, torch.ones_like(scores))
-        if fallback is not None:
-            _push(analysis, fallback, member.labels, importance.fallback.member_scores(tensor, member.dim, None, set()))
-    scores = importance.reduce(totals[units])
-    if fallback is not None:  # units no normalisation scale covers are scored by magnitude
-        uncovered = covered[units] == 0
-        scores = torch.where(uncovered, importance.fallback.reduce(fallback[units]), scores)
+            scored.append((member.labels, scores))
+        if isinstance(importance, BNScale):
+            by_fallback.append((member.labels, importance.fallback.member_scores(tensor, member.dim, None, set())))
+    scores = importance.reduce(_totals(analysis, scored)[units])
+    if isinstance(importance, BNScale):  # units no normalisation scale covers are scored by magnitude
+        uncovered = _totals(analysis, scored, count=True)[units] == 0
+        scores = torch.where(uncovered, importance.fallback.reduce(_totals(analysis, by_fallback)[units]), scores)
     return scores
+
+
+def _totals(analysis: ChannelAnalysis, scored: list[tuple[torch.Tensor, torch.Tensor]], count: bool = False
+            ) -> torch.Tensor:
+    """Per label, the sum of the scores (or with ``count``, the number of scores) pushed to it, all members at
+    once: a push per member cost more than the scoring on a model of a few hundred tensors."""
+    totals = torch.zeros(analysis.n_labels)
+    if scored:
+        labels = torch.cat([labels for labels, _ in scored])
+        values = torch.cat([values.float() for _, values in scored])
+        _push(analysis, totals, labels, torch.ones_like(values) if count else values)
+    return totals

@@ -136,6 +136,21 @@ class IndexMap:
         comps = self.analysis.component[labels]
         return bool((self.count[comps] == 1).all() and (self.source[comps] == comps).all())
 
+    def only_removes(self) -> bool:
+        """Whether every unit stays where it is or goes (no copies, no moves): Shrink's maps."""
+        return bool((self.count <= 1).all()) and torch.equal(self.source, torch.arange(len(self.source)))
+
+    def kept_positions(self, label_arrays: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """For a map that only removes: per label array, the positions it keeps (None where it keeps all), found for
+        all arrays at once; ``gather`` one array at a time costs a dozen small tensor ops each."""
+        if not label_arrays:
+            return []
+        keep = self.count[self.analysis.component[torch.cat(label_arrays)]] == 1
+        kept = []
+        for part in keep.split([len(labels) for labels in label_arrays]):
+            kept.append(None if bool(part.all()) else torch.nonzero(part).flatten())
+        return kept
+
     def gather(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(old index read by each new index, its fraction) along a parameter dimension with these labels."""
         comps = self.analysis.component[labels]

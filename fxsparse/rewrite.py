@@ -100,12 +100,18 @@ def gather_parameters(gm: fx.GraphModule, members, index_map: IndexMap,
     """Gather every member tensor by the map; returns, per target and dim, (old index per new index, scale or
     None). A dimension that consumes a copied channel is scaled by the copy's share."""
     gathers: Gathers = defaultdict(dict)
-    for member in members:
-        if index_map.is_identity(member.labels):
-            continue
-        read, share = index_map.gather(member.labels)
-        scale = share if CONSUME in member.roles and not bool((share == 1).all()) else None
-        gathers[member.target][member.dim] = (read, scale)
+    members = list(members)
+    if index_map.only_removes():
+        for member, read in zip(members, index_map.kept_positions([member.labels for member in members])):
+            if read is not None:
+                gathers[member.target][member.dim] = (read, None)
+    else:
+        for member in members:
+            if index_map.is_identity(member.labels):
+                continue
+            read, share = index_map.gather(member.labels)
+            scale = share if CONSUME in member.roles and not bool((share == 1).all()) else None
+            gathers[member.target][member.dim] = (read, scale)
     with torch.no_grad():
         for target, dims in gathers.items():
             tensor = get_attr_value(gm, target)
