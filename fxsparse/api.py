@@ -159,6 +159,7 @@ def compile(  # noqa: A001 - the name users expect, as in torch.compile
         ctx.facts["traced_shapes"] = traced.shapes
     macs = traced.macs if traced.macs is not None else count_macs(traced.module, args, kwargs)
     before = Costs(traced.module, args, kwargs, macs=macs)  # counted now, before any pass changes the module
+    ctx.traced_macs = macs
     lowering, notes = _lowering(traced, lower_modules, inplace)
     manager = PassManager(lowering + pass_list, PROVIDERS, _verifier(tolerance) if verify else None)
     records = manager.run(ctx, progress=lambda name: log.info("fxsparse: %s", name))

@@ -29,3 +29,6 @@ class CompileContext:
     # The reference's outputs on verification's trial inputs (fxsparse.verify.trial_inputs), by trial index, where
     # a rewriting pass ran the reference on them anyway (Shrink measures residues so): verification reuses them.
     reference_outputs: dict[int, Any] = field(default_factory=dict)
+    # Multiply-accumulates of one forward of the traced model (None: not counted): what a pass can weigh the cost
+    # of running the model by.
+    traced_macs: int | None = None

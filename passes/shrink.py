@@ -20,7 +20,7 @@ from fxsparse.index_map import IndexMap
 from fxsparse.metrics import count_parameters
 from fxsparse.modules import PaddedConstantCorrection
 from fxsparse.pass_manager import Pass
-from fxsparse.residue import Fold, settle_residues
+from fxsparse.residue import Fold, proving_pays, settle_residues
 from fxsparse.rewrite import reindex
 from fxsparse.verify import trial_inputs
 
@@ -126,11 +126,11 @@ class Shrink(Pass):
         analysis = facts.analysis
         removed, empty_notes = analysis.keep_nonempty(removal.units)
         # residues are measured on verification's first trial input, so that its reference output is one run less;
-        # without verification, a proof that no removed channel carries anything saves the run
+        # without verification, a proof of what removed channels carry saves the run where a run costs more
         trial_args, trial_kwargs = trial_inputs(ctx.args, ctx.kwargs, trials=1)[0]
         removed, keep, folds, notes, output = settle_residues(
             masked, analysis, facts.graph.consumers, removed, trial_args, trial_kwargs, facts.node_labels,
-            prove=not ctx.verify)
+            prove=not ctx.verify and proving_pays(ctx.traced_macs, len(masked.graph.nodes)))
         if output is not None:
             ctx.reference_outputs[0] = output
         notes = empty_notes + notes
