@@ -89,7 +89,7 @@ def propagate_labels(gm: fx.GraphModule) -> tuple[ChannelGraph, dict[fx.Node, An
 
 def build_groups(analysis: ChannelAnalysis, units: torch.Tensor | None = None) -> list[Group]:
     """The groups of ``units`` (default: the removable ones), with the parameter dimensions each touches (see
-    ``_touched_groups``)."""
+    ``_member_groups``)."""
     units = analysis.units if units is None else units
     if not len(units):
         return []
@@ -124,38 +124,28 @@ def _component_factors(analysis: ChannelAnalysis) -> torch.Tensor:
 
 def _member_groups(analysis: ChannelAnalysis, members: list, label_group: torch.Tensor,
                    factors: torch.Tensor) -> list[list[int]]:
-    """``_touched_groups`` of every member's labels. The groups of members without factored channels (most) are
-    found for all of them at once, from one array of (member, group) pairs; the others one by one."""
+    """Per member, the groups whose units decide some of its labels: their own, and those of the factors their
+    channels are made of (an output projection's columns are heads x head-dims), down to factors of factors.
+    Found for all members at once, one level of factors at a time, over arrays of (member, component) pairs."""
     if not members:
         return []
-    sizes = [len(member.labels) for member in members]
-    comps = analysis.component[torch.cat([member.labels for member in members])]
-    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes))
-    n_groups = int(label_group.max()) + 1
-    pairs = torch.unique(owner * n_groups + label_group[comps]).tolist()
+    n, n_groups = analysis.n_labels, int(label_group.max()) + 1
+    sizes = torch.tensor([len(member.labels) for member in members])
+    owner = torch.repeat_interleave(torch.arange(len(members)), sizes)
+    seen = frontier = torch.unique(owner * n + analysis.component[torch.cat([m.labels for m in members])])
+    found = []
+    while len(frontier):
+        owner, comps = frontier // n, frontier % n
+        found.append(owner * n_groups + label_group[comps])
+        deeper = factors[comps].flatten()
+        valid = deeper >= 0
+        below = torch.unique(owner.repeat_interleave(2)[valid] * n + analysis.component[deeper[valid]])
+        frontier = below[~torch.isin(below, seen)]
+        seen = torch.cat([seen, frontier])
     touched: list[list[int]] = [[] for _ in members]
-    for pair in pairs:
+    for pair in torch.unique(torch.cat(found)).tolist():
         touched[pair // n_groups].append(pair % n_groups)
-    has_factors = torch.zeros(len(members), dtype=torch.bool)
-    has_factors.index_put_((owner,), (factors[comps] >= 0).any(dim=1), accumulate=True)
-    for index in torch.nonzero(has_factors).flatten().tolist():
-        touched[index] = _touched_groups(analysis, members[index].labels, label_group, factors)
     return touched
-
-
-def _touched_groups(analysis: ChannelAnalysis, labels: torch.Tensor, label_group: torch.Tensor,
-                    factors: torch.Tensor) -> list[int]:
-    """The groups whose units decide some of ``labels``: their own, and those of the factors their channels are
-    made of (an output projection's columns are heads x head-dims), down to factors of factors."""
-    touched: set[int] = set()
-    roots = seen = torch.unique(analysis.component[labels])
-    while len(roots):
-        touched.update(torch.unique(label_group[roots]).tolist())
-        deeper = factors[roots].flatten()
-        roots = torch.unique(analysis.component[deeper[deeper >= 0]])
-        roots = roots[~torch.isin(roots, seen)]
-        seen = torch.cat([seen, roots])
-    return sorted(touched)
 
 
 def analyse_channels(gm: fx.GraphModule) -> ChannelFacts:
