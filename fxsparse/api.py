@@ -14,12 +14,12 @@ import torch
 import torch.fx as fx
 
 from .context import CompileContext
+from .copying import unshare_parameters
 from .errors import BadArgumentError, PlanMismatchError
 from .graph_utils import iter_tensors
 from .inplace import apply_result, replay_gathers
 from .inputs import describe_inputs, inputs_from_description, normalize_example_inputs
 from .lower import modules_to_lower
-from .copying import unshare_parameters
 from .metrics import Costs, count_macs
 from .pass_manager import Pass, PassManager
 from .plan import Plan

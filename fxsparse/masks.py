@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from .channels import PRODUCE, ChannelAnalysis
-from .errors import MaskError
 from .copying import copy_sharing_tensors
+from .errors import MaskError
 from .graph_utils import get_attr_value, set_attr_value, tensor_names
 
 

@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 
 from .channels import CONSUME
+from .copying import copy_sharing_tensors
 from .errors import FxsparseError
 from .graph_utils import get_attr_value, set_attr_value
 from .index_map import IndexMap
-from .copying import copy_sharing_tensors
 from .plan import Plan
 from .rules import rule_for
 from .rules.base import RewriteContext

@@ -27,7 +27,7 @@ _META = torch.device("meta")
 # (BatchNorm's costs about as much as a convolution's on the CPU; ReLU6's clamp three times as much, 35 of them were
 # most of MobileNetV2's meta run): their value is written directly.
 _SHAPE_PRESERVING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
-_ELEMENTWISE_MODULES = tuple(getattr(torch.nn, name) for name in (
+_ELEMENTWISE_MODULES = frozenset(getattr(torch.nn, name) for name in (
     "ReLU ReLU6 Hardtanh SiLU GELU Hardswish Hardsigmoid Sigmoid Tanh LeakyReLU ELU SELU CELU Mish Softsign "
     "Tanhshrink Identity Dropout Dropout1d Dropout2d Dropout3d AlphaDropout").split() if hasattr(torch.nn, name))
 
@@ -61,7 +61,7 @@ class _MetaPropagator(fx.Interpreter):
         module = self.fetch_attr(target)
         if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
             return _per_channel_output(target, module, args[0])
-        if isinstance(module, _ELEMENTWISE_MODULES) and len(args) == 1 and not kwargs:
+        if type(module) in _ELEMENTWISE_MODULES and len(args) == 1 and not kwargs:  # not a subclass's own forward
             return torch.empty_like(args[0])
         return super().call_module(target, args, kwargs)
 

@@ -17,9 +17,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from .copying import copy_sharing_tensors, unshare_parameters
 from .errors import BadArgumentError, TraceError
 from .inputs import normalize_example_inputs
-from .copying import copy_sharing_tensors, unshare_parameters
 from .metrics import shape_and_count_macs
 from .shapes import propagate_shapes
 
