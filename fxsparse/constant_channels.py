@@ -107,7 +107,7 @@ class _ConstantProof:
         self.probes: dict[fx.Node, torch.Tensor | _Zero | None] = {}  # None: unknown; absent: no removed channel
         self._zero: dict[fx.Node, bool] = {}  # are a node's removed channels all 0 (its probe says so)
         self._masks: dict[tuple, torch.Tensor] = {}  # removed-element masks, by label tuple and shape
-        self._probed: dict[tuple, bool] = {}  # does an op with no tensor of its own give 0, by signature
+        self._probed: dict[tuple, bool] = {}  # does an op with no tensor of its own give 0, by _probe_key
         self.canonical = {name: canonical for canonical, names in graph.aliases.items() for name in names}
 
     def establish(self, node: fx.Node) -> None:
@@ -139,7 +139,7 @@ class _ConstantProof:
     def _probe_of(self, node: fx.Node) -> torch.Tensor | None:
         if node.op == "get_attr":
             value = get_attr_value(self.gm, node.target)
-            if not isinstance(value, torch.Tensor) or not self._removed_part_is_zero(value, self._labels(node)):
+            if not isinstance(value, torch.Tensor) or not self._zero_at_removed(value, self._labels(node)):
                 return None
             return ZERO
         rule = rule_for(node, self.gm)
@@ -191,13 +191,13 @@ class _ConstantProof:
         """The op run on its inputs' probes; a non-zero result only through an op that keeps a uniform value
         uniform. An op that reads no tensor of its own (an activation, a pooling, an add of two activations) and
         gives 0 on zero (or unknown) inputs does so wherever it is used on inputs alike: probed once."""
-        signature = self._signature(node)
-        if signature is not None and self._probed.get(signature):
+        key = self._probe_key(node)
+        if key is not None and self._probed.get(key):
             return ZERO
         out = self._run_on_probes(node)
-        zero = out is not None and not bool(out[self._removed_mask(self._labels(node), out.shape)].any())
-        if signature is not None:
-            self._probed[signature] = zero
+        zero = out is not None and self._zero_at_removed(out, self._labels(node))
+        if key is not None:
+            self._probed[key] = zero
         if zero:
             return ZERO
         return out if out is not None and self._keeps_uniform(node, rule) else None
@@ -220,15 +220,12 @@ class _ConstantProof:
         if any(dim_labels is not None and dim not in (len(labels) - 3, len(labels) - 1)
                and not bool(self.keep[dim_labels].all()) for dim, dim_labels in enumerate(labels)):
             return None
-        probe = self.probes.get(value)
-        if probe is None or not self._has_removed(value) or not self._is_zero(value):
-            return None
-        return ZERO
+        return ZERO if self._has_removed(value) and self._is_zero(value) else None
 
     # -- running an op on probes ---------------------------------------------------------------------------------
     def _run_on_probes(self, node: fx.Node) -> torch.Tensor | None:
-        """``node``'s op on its inputs' probes; None unless every removed element of the result is a number, the
-        same at every position of the cut dims, and the result has the cut shape."""
+        """``node``'s op on its inputs' probes; None unless every removed element of the result is a number and the
+        same at every position of the cut dims. The result is brought to the cut shape (a pooling may cut further)."""
         def probe(value: Any) -> Any:
             if not isinstance(value, fx.Node):
                 return value
@@ -269,7 +266,7 @@ class _ConstantProof:
         if not torch.equal(out[mask], first.expand(out.shape)[mask]):  # also false where NaN (unknown) remains
             return None
         cut = self._cut_shape(labels, example.shape)
-        return out if tuple(out.shape) == cut else first.expand(cut).clone()  # a pooling may have cut it further
+        return out if tuple(out.shape) == cut else first.expand(cut).clone()
 
     def _keeps_uniform(self, node: fx.Node, rule) -> bool:
         if isinstance(rule, _POINTWISE):
@@ -278,7 +275,7 @@ class _ConstantProof:
             return isinstance(self.gm.get_submodule(node.target), _KEEPS_UNIFORM_MODULES)
         return canonical_name(node) in _KEEPS_UNIFORM_NAMES
 
-    def _signature(self, node: fx.Node) -> tuple | None:
+    def _probe_key(self, node: fx.Node) -> tuple | None:
         """What decides a probe of ``node`` when it reads no tensor of its own and its inputs are 0 or unknown;
         None otherwise."""
         if node.op == "call_module":
@@ -314,7 +311,8 @@ class _ConstantProof:
     def _zero_probe(self, node: fx.Node) -> torch.Tensor:
         example, labels = node.meta.get("val"), self._labels(node)
         mask = self._removed_mask(labels, self._cut_shape(labels, example.shape))
-        return torch.where(mask, torch.tensor(0.0, dtype=example.dtype), torch.tensor(float("nan"), dtype=example.dtype))
+        zero, nan = torch.tensor(0.0, dtype=example.dtype), torch.tensor(float("nan"), dtype=example.dtype)
+        return torch.where(mask, zero, nan)
 
     def _is_zero(self, node: fx.Node) -> bool:
         """Whether ``node`` has a probe, 0 at every removed channel."""
@@ -322,7 +320,7 @@ class _ConstantProof:
         if probe is None or probe is ZERO:
             return probe is ZERO
         if node not in self._zero:
-            self._zero[node] = not bool(probe[self._removed_mask(self._labels(node), probe.shape)].any())
+            self._zero[node] = self._zero_at_removed(probe, self._labels(node))
         return self._zero[node]
 
     def _removed_mask(self, labels: tuple, shape) -> torch.Tensor:
@@ -338,7 +336,8 @@ class _ConstantProof:
             self._masks[key] = mask.expand(shape)
         return self._masks[key]
 
-    def _removed_part_is_zero(self, tensor: torch.Tensor, labels: tuple | None) -> bool:
+    def _zero_at_removed(self, tensor: torch.Tensor, labels: tuple | None) -> bool:
+        """Whether ``tensor`` (a probe, or a tensor the model reads) is 0 at every element with a removed label."""
         if labels is None or len(labels) != tensor.dim():
             return False
         return not bool(tensor.detach()[self._removed_mask(labels, tensor.shape)].any())

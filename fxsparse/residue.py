@@ -3,9 +3,10 @@
 A removed channel whose producing weights are masked still carries whatever its bias, a BatchNorm shift or an
 activation of zero puts there: a value that no longer depends on the input. Dropping it would change the model
 (NNI's ModelSpeedup drifts exactly here), so its contribution is measured where it is consumed, on the masked
-model (or proven from the weights, fxsparse.constant_channels, where that costs less than a run), and kept: in the consumer's bias when it is the same everywhere, in a PaddedConstantCorrection when a
-zero-padded convolution makes it vary at the borders. A contribution that can be kept neither way (a product of
-two activations, a grouped convolution) means the channel stays.
+model (or proven from the weights, fxsparse.constant_channels, where that costs less than a run), and kept: in
+the consumer's bias when it is the same everywhere, in a PaddedConstantCorrection when a zero-padded convolution
+makes it vary at the borders. A contribution that can be kept neither way (a product of two activations, a
+grouped convolution) means the channel stays.
 """
 from __future__ import annotations
 
